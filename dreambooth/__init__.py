@@ -1,0 +1,11 @@
+"""DreamBooth fine-tuning of Stable Diffusion v1 in plain PyTorch.
+
+    import dreambooth
+    sd = dreambooth.load("weights/sd-v1-4.ckpt")   # or "tiny": a built-in random toy model
+    dreambooth.save(sd, "model.safetensors")       # original CompVis layout, fp16
+"""
+from .tokenizer import Tokenizer
+from .stable_diffusion import StableDiffusion
+from .checkpoint import load, save
+
+__all__ = ["Tokenizer", "StableDiffusion", "load", "save"]
