@@ -6,6 +6,6 @@
 """
 from .tokenizer import Tokenizer
 from .stable_diffusion import StableDiffusion
-from .checkpoint import load, save
+from .checkpoint import CheckpointError, load, save
 
-__all__ = ["Tokenizer", "StableDiffusion", "load", "save"]
+__all__ = ["Tokenizer", "StableDiffusion", "CheckpointError", "load", "save"]

@@ -1,0 +1,315 @@
+"""Reading and writing Stable Diffusion v1 checkpoints, safely and with checks.
+
+A checkpoint is one flat dict of tensors in the original CompVis layout:
+
+    model.diffusion_model.*                     the UNet                  (unet.py)
+    first_stage_model.*                         the KL autoencoder        (vae.py)
+    cond_stage_model.transformer.text_model.*   the CLIP text encoder     (clip.py)
+    model_ema.*                                 EMA copy of the UNet, in some files
+    alphas_cumprod, betas, ...                  the DDPM noise schedule
+
+Our modules carry the same names, so loading is: split the keys by prefix, check every key and
+shape, strict `load_state_dict`. Files are memory-mapped and the models are built on the meta
+device, taking the file's tensors with `assign=True` (cast to the wanted dtype one by one), so
+loading never holds two copies of the weights.
+
+A `.ckpt` is a zip holding a pickle, and unpickling can run any code the file names. We only
+unpickle with torch's `weights_only` unpickler, which rebuilds tensors and plain containers and
+refuses everything else. sd-v1-4.ckpt also names one PyTorch Lightning class (it keys the
+`callbacks` metadata); names from Lightning become an inert placeholder, any other name is refused.
+"""
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .clip import CLIPConfig, CLIPTextModel
+from .ddim import sd_alphas_cumprod
+from .stable_diffusion import StableDiffusion
+from .tokenizer import Tokenizer
+from .unet import UNetConfig, UNetModel
+from .vae import AutoencoderKL, VAEConfig
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer.text_model."
+EMA = "model_ema."  # LitEma stores the UNet as model_ema.diffusion_model<name with the dots removed>
+
+# Keys of real SD v1 files that load() reads past on purpose.
+IGNORED = {
+    "model_ema.decay", "model_ema.num_updates",  # LitEma bookkeeping, not weights
+    CLIP + "embeddings.position_ids",  # arange(77) saved by old transformers; clip.py counts positions itself
+    # The DDPM schedule: all of it follows from alphas_cumprod, which is checked against ddim.py instead.
+    "betas", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar",
+}
+LIGHTNING = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a Stable Diffusion v1 checkpoint we can load (the message says why)."""
+
+
+def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDiffusion:
+    """Load an SD v1 .ckpt / .safetensors file, or "tiny": a small random model needing no file.
+
+    Weights are cast to `dtype` one tensor at a time. ema=True takes the UNet from the file's
+    model_ema.* weights (the -full-ema files). Anything else raises CheckpointError, one line
+    naming the file and what is wrong: an unsafe pickle, another model family, a missing,
+    unexpected or mis-shaped key, a different noise schedule, a truncated file."""
+    if path == "tiny":
+        return _tiny().to(device, dtype)
+    path = Path(path)
+    state = _read(path)
+    _check_family(path, state)
+    parts = _split(path, state)
+
+    unet_cfg = _config(UNetConfig, parts[UNET], "input_blocks.0.0.weight", 0, "model_channels")
+    unet = _build(UNetModel, unet_cfg)
+    if ema:
+        unet_weights, file_key = _ema_weights(path, unet, parts[EMA]), _ema_key
+    else:
+        unet_weights, file_key = parts[UNET], lambda k: UNET + k
+    unet = _assign(path, unet, unet_weights, file_key, device, dtype)
+
+    vae_cfg = _config(VAEConfig, parts[VAE], "encoder.conv_in.weight", 0, "ch")
+    vae = _assign(path, _build(AutoencoderKL, vae_cfg), parts[VAE], lambda k: VAE + k, device, dtype)
+    clip_cfg = _config(CLIPConfig, parts[CLIP], "embeddings.token_embedding.weight", 1, "width")
+    text_encoder = _assign(path, _build(CLIPTextModel, clip_cfg), parts[CLIP], lambda k: CLIP + k, device, dtype)
+    return StableDiffusion(Tokenizer(), text_encoder, unet, vae, sd_alphas_cumprod().to(device),
+                           name=path.name, resolution=64 if unet_cfg == UNetConfig.tiny() else 512)
+
+
+def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16) -> None:
+    """Write `sd` as a .safetensors file in the original CompVis layout, atomically.
+
+    Weights are cast to `dtype`; the schedule buffers stay float32. The file is written next to
+    `path` under a temporary name and renamed over it, so `path` is never left half-written."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"save: {path} must end in .safetensors (the only format save writes)")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"save: folder {path.parent} does not exist")
+    tensors = {}
+    for prefix, model in ((UNET, sd.unet), (VAE, sd.vae), (CLIP, sd.text_encoder)):
+        for key, t in model.state_dict().items():
+            tensors[prefix + key] = t.detach().to("cpu", dtype, copy=True).contiguous()
+    tensors.update(schedule_buffers(sd.alphas_cumprod))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def schedule_buffers(alphas_cumprod: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The buffers CompVis' DDPM.register_schedule (ldm/models/diffusion/ddpm.py) stores with a model:
+    beta_t = 1 - alpha-bar_t / alpha-bar_{t-1} and the posterior q(x_{t-1} | x_t, x_0) of DDPM
+    eqs. 6-7. Derived in float64 from the float32 alpha-bar: alphas_cumprod(_prev), which samplers
+    read, are exact; the others agree with CompVis' float64 values to ~1e-4 relative."""
+    ac = alphas_cumprod.detach().cpu().double()
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    betas = 1 - ac / ac_prev
+    posterior_variance = betas * (1 - ac_prev) / (1 - ac)
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(),
+        "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
+    }
+    return {k: v.float() for k, v in buffers.items()}
+
+
+def _tiny() -> StableDiffusion:
+    """The built-in toy model: SD v1's architecture with few channels, random weights from a
+    fixed seed (the same on every call, whatever the global RNG state)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPConfig.tiny()).eval()
+        unet = UNetModel(UNetConfig.tiny()).eval()
+        vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    return StableDiffusion(Tokenizer(), text_encoder, unet, vae, sd_alphas_cumprod(), name="tiny", resolution=64)
+
+
+# ---- reading files -------------------------------------------------------------------------
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """The file's flat dict of tensors, memory-mapped: a tensor's bytes are read when first used."""
+    if path.is_dir():
+        if (path / "model_index.json").exists() or (path / "unet").is_dir():
+            raise CheckpointError(f"{path} is a diffusers-format folder; load a single-file .ckpt/.safetensors "
+                                  "in the original layout (diffusers' convert_diffusers_to_original_stable_diffusion.py)")
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or corrupt (not a zip archive as torch.save writes)")
+    return _state_dict(path, _unpickle(path))
+
+
+def _unpickle(path: Path):
+    """torch.load with the weights_only unpickler; Lightning classes become _LightningName."""
+    try:  # the names of all classes and functions the pickle would use, read without running it
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:
+        raise CheckpointError(f"refusing to load {path}: cannot check its pickle ({_first_line(e)})") from None
+    for name in names:
+        if not name.startswith(LIGHTNING):
+            raise CheckpointError(f"refusing to load {path}: it asks to run {name}")
+    try:
+        with torch.serialization.safe_globals([(_LightningName, name) for name in names]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path}: {_first_line(e)}") from None
+    except (RuntimeError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().split("\n")[0]
+
+
+class _LightningName:
+    """Stands in for a PyTorch Lightning class named in a .ckpt's metadata. Lightning is never
+    imported; whatever the pickle hands this placeholder is dropped."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
+    """Lightning checkpoints wrap the weights as {"state_dict": ..., "global_step": ..., ...}."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return obj
+
+
+def _check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """One-line errors for the checkpoints people most often mistake for an SD v1 one."""
+    keys = list(state)
+    if any("lora" in k.lower() for k in keys):
+        raise CheckpointError(f"{path} is a LoRA (keys like {next(k for k in keys if 'lora' in k.lower())}), "
+                              "not a full SD v1 model")
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise CheckpointError(f"{path} is an SDXL model (conditioner.embedders.*); only SD v1 is supported")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise CheckpointError(f"{path} is an SD 2.x model (OpenCLIP text encoder, cond_stage_model.model.*); "
+                              "only SD v1 is supported")
+    if any("down_blocks." in k or "mid_block." in k for k in keys):
+        raise CheckpointError(f"{path} is in diffusers format (keys like down_blocks.*); "
+                              "load a file in the original CompVis layout")
+    stem = state.get(UNET + "input_blocks.0.0.weight")
+    if stem is None:
+        if any(k.startswith(("encoder.", "decoder.", VAE)) for k in keys):
+            raise CheckpointError(f"{path} is a VAE-only file (no model.diffusion_model.* keys), not a full SD v1 model")
+        raise CheckpointError(f"{path} is not an SD v1 checkpoint: it has no {UNET}* keys")
+    if stem.ndim != 4 or stem.shape[1] != 4:
+        kind = "an inpainting model" if stem.ndim == 4 and stem.shape[1] == 9 else "not a text-to-image SD v1 model"
+        raise CheckpointError(f"{path} is {kind}: its UNet takes {stem.shape[1]} input channels, not 4")
+    to_k = next((v for k, v in state.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
+    if to_k is not None and to_k.shape[-1] == 1024:
+        raise CheckpointError(f"{path} is an SD 2.x model (1024-dim text context); only SD v1 (768) is supported")
+
+
+def _split(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{prefix: {key without prefix: tensor}}; checks alphas_cumprod and that no key is left over.
+    parts[EMA] is only used with ema=True (model_ema.* is read past otherwise)."""
+    parts = {UNET: {}, VAE: {}, CLIP: {}, EMA: {}}
+    for key, tensor in state.items():
+        if key in IGNORED:
+            continue
+        if key == "alphas_cumprod":
+            _check_schedule(path, tensor)
+            continue
+        prefix = next((p for p in parts if key.startswith(p)), None)
+        if prefix is None:
+            raise CheckpointError(f"{path}: unexpected key {key}")
+        parts[prefix][key[len(prefix):]] = tensor
+    return parts
+
+
+def _check_schedule(path: Path, stored: torch.Tensor) -> None:
+    expected = sd_alphas_cumprod()
+    tol = max(1e-5, torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 0.0
+    if stored.shape != expected.shape or (stored.float() - expected).abs().max() > tol:
+        raise CheckpointError(f"{path}: alphas_cumprod is not SD v1's schedule "
+                              "(scaled-linear betas 0.00085 -> 0.012, 1000 steps)")
+
+
+def _config(cls, tensors: dict[str, torch.Tensor], key: str, dim: int, field: str):
+    """SD v1's config, or the tiny one when the width at tensors[key].shape[dim] is the tiny's.
+
+    Head counts cannot be read off shapes, so a file has SD v1's sizes (8 UNet heads, 12 CLIP
+    heads) or the tiny model's (a saved tiny model loads back); any other size then fails the
+    shape checks against SD v1, which name the key."""
+    tiny = cls.tiny()
+    return tiny if key in tensors and tensors[key].shape[dim] == getattr(tiny, field) else cls()
+
+
+def _ema_key(key: str) -> str:
+    return EMA + "diffusion_model" + key.replace(".", "")
+
+
+def _ema_weights(path: Path, unet: UNetModel, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """model_ema.* back to UNet names, matching against our names with the dots removed."""
+    if not ema:
+        raise CheckpointError(f"{path} has no EMA weights (model_ema.*); load it with ema=False")
+    names = {_ema_key(k): k for k in unet.state_dict()}
+    weights = {}
+    for key, tensor in ema.items():
+        if EMA + key not in names:
+            raise CheckpointError(f"{path}: unexpected key {EMA + key}")
+        weights[names[EMA + key]] = tensor
+    return weights
+
+
+# ---- building models -----------------------------------------------------------------------
+
+def _build(cls, cfg):
+    """A model with shapes but no memory: its tensors come from the file."""
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def _assign(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], file_key, device, dtype):
+    """Strict load after our own checks, so an error names the key as the file spells it."""
+    expected = model.state_dict()
+    for key, t in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"{path}: missing key {file_key(key)}")
+        if tensors[key].shape != t.shape:
+            raise CheckpointError(f"{path}: {file_key(key)} has shape {list(tensors[key].shape)}, "
+                                  f"expected {list(t.shape)}")
+    for key in tensors:
+        if key not in expected:
+            raise CheckpointError(f"{path}: unexpected key {file_key(key)}")
+    model.load_state_dict({k: t.to(device, dtype) for k, t in tensors.items()}, strict=True, assign=True)
+    return model.eval()
