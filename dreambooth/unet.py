@@ -171,19 +171,25 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        # Nearest x2, or to `size`: the size of the skip activation it meets next, which differs
+        # from x2 when a latent side is not a multiple of 8 (an image side not a multiple of 64).
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x)
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the timestep embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                upsample_size: torch.Size | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -243,10 +249,11 @@ class UNetModel(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.grad_checkpointing = enabled
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+             upsample_size: torch.Size | None = None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
+        return block(h, emb, context, upsample_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Noisy latent x [B, 4, h, w], timesteps t [B] (or a scalar), context [B, 77, C] -> eps [B, 4, h, w]."""
@@ -259,5 +266,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

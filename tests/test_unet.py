@@ -107,6 +107,12 @@ def test_tiny_layout_and_parity(tiny_pair):
     check_parity(*tiny_pair, UNetConfig.tiny(), size=32)
 
 
+@pytest.mark.parametrize("size", [9, 13])
+def test_latent_sides_not_multiple_of_8(tiny_pair, size):
+    # 72 px and 104 px images: each Upsample must meet its skip activation's size, as diffusers does.
+    check_parity(*tiny_pair, UNetConfig.tiny(), size=size)
+
+
 def test_timestep_forms_agree(tiny_pair):
     ours, _ = tiny_pair
     g = torch.Generator().manual_seed(2)

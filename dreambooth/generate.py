@@ -1,0 +1,52 @@
+"""Text to image: the one generation function behind sample.py, make_prior.py and train.py's preview grids.
+
+    prompts --CLIP--> context --DDIM + guided UNet--> latents --VAE decoder--> images
+
+Reproducibility: image k is made from its own CPU generator, torch.Generator().manual_seed(seeds[k]), which draws
+first its initial latent noise [4, H/8, W/8] and then (when eta > 0) its noise for each DDIM step. So image k
+depends only on its prompt, its seed and the settings, not on the other images in the batch or on the device's
+RNG: one image of a batch can be regenerated alone. (On the same machine and batch layout the result is
+bit-for-bit the same; a different batch size can change the last bits of the floating-point arithmetic.)
+"""
+import contextlib
+
+import torch
+from PIL import Image
+
+from .ddim import ddim_sample, guided_eps_fn
+from .images import to_pil
+from .stable_diffusion import StableDiffusion
+from .vae import LATENT_SCALE
+
+
+@torch.no_grad()
+def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative_prompt: str = "", steps: int = 50,
+             scale: float = 7.5, eta: float = 0.0, height: int | None = None, width: int | None = None,
+             slice_size: int = 1, progress: bool = True, precision: str = "full") -> list[Image.Image]:
+    """Generate one PIL image per prompt, image k from seeds[k].
+
+    negative_prompt is the "unconditional" prompt of classifier-free guidance ("" as in the CompVis code).
+    height/width default to the model's native resolution and must be multiples of 8 (the VAE's factor).
+    slice_size is how many images the VAE decodes at a time (1 keeps the decoder's memory small).
+    precision "autocast" runs the networks in float16 under torch.autocast on CUDA (fp32 weights, as the CompVis
+    scripts do); "full" and any CPU run stay in the models' own dtype. A caller's own autocast context is kept.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    height, width = height or sd.resolution, width or sd.resolution
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"--H/--W: image size {width}x{height} must be positive multiples of 8")
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    channels = sd.unet.config.in_channels
+    latents = torch.stack([torch.randn(channels, height // 8, width // 8, generator=g) for g in generators])
+    latents = latents.to(sd.device)
+
+    use_autocast = precision == "autocast" and sd.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.float16) if use_autocast else contextlib.nullcontext():
+        cond = sd.encode_text(prompts)
+        uncond = sd.encode_text([negative_prompt])
+        eps_fn = guided_eps_fn(sd.unet, cond, uncond, scale)
+        latents = ddim_sample(eps_fn, latents, sd.alphas_cumprod, steps, eta, generators, progress)
+        vae_dtype = next(sd.vae.parameters()).dtype
+        images = sd.vae.decode((latents / LATENT_SCALE).to(vae_dtype), slice_size)  # the VAE works unscaled
+    return [to_pil(img) for img in images]

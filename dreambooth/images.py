@@ -1,0 +1,122 @@
+"""Reading photos for training and writing generated PNGs.
+
+Photos come from phones and the web: rotated by an EXIF tag, greyscale, CMYK, with an alpha channel or a palette.
+`load_image` turns all of them into the square RGB tensor the VAE expects. Generated images are written as PNGs
+carrying AUTOMATIC1111's 'parameters' text chunk, so A1111's "PNG Info" tab (and people) can read how each was made.
+
+Bad input raises ValueError with a message naming the file or folder.
+"""
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def list_images(folder) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no images in it ({' '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_image(path, resolution: int) -> torch.Tensor:
+    """A photo as a FloatTensor [3, resolution, resolution] in [-1, 1]: turned upright by its EXIF tag, made RGB
+    (transparent parts become white), its shorter side resized to `resolution` and the centre cropped."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+    if min(img.size) < resolution:
+        warnings.warn(f"{path}: {img.width}x{img.height} is smaller than {resolution} px and will be upscaled",
+                      stacklevel=2)
+    img = _to_rgb(img)
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)  # centre crop + resize
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (3, R, R) in [0, 255]
+    return pixels / 127.5 - 1
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """A decoded image [3, H, W] in [-1, 1] as an 8-bit RGB PIL image."""
+    pixels = ((img.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    """Paste equally sized images into rows of `cols`, left to right, top to bottom."""
+    w, h = images[0].size
+    cols = min(cols, len(images))
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, steps: int, scale: float, seed: int, width: int,
+                     height: int, model: str, eta: float = 0.0) -> str:
+    """The 'parameters' text in AUTOMATIC1111's format, e.g.
+        photo of a sks dog
+        Negative prompt: blurry
+        Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-v1-4
+    (the negative prompt line only when there is one, "Eta: x" at the end only when eta is not 0)."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    settings = (f"Steps: {steps}, Sampler: DDIM, CFG scale: {scale}, Seed: {seed}, Size: {width}x{height}, "
+                f"Model: {model}")
+    if eta:
+        settings += f", Eta: {eta}"
+    lines.append(settings)
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path, parameters: str | None = None) -> None:
+    """Write `image` to `path` as a PNG with an optional 'parameters' text chunk. Atomic: the file appears whole
+    or not at all (written to a temporary file in the same folder, then renamed over `path`)."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def next_index(outdir, prefix: str = "") -> int:
+    """One past the highest number among the files named <prefix><number>.png in outdir (0 if there are none),
+    so numbered outputs continue after earlier runs instead of overwriting them."""
+    outdir = Path(outdir)
+    if not outdir.is_dir():
+        return 0
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.png")
+    numbers = [int(m.group(1)) for p in outdir.iterdir() if (m := pattern.fullmatch(p.name))]
+    return max(numbers, default=-1) + 1

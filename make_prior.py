@@ -1,0 +1,165 @@
+"""Generate the class images for DreamBooth's prior-preservation loss.
+
+    python make_prior.py --class dog             # 200 images of "photo of a dog" in prior/dog/
+    python train.py --instance photos/ --prior prior/dog --class dog
+
+DreamBooth trains on the subject's photos and, in the same batches, on images the model itself made of the bare
+class ("photo of a dog"), so that "dog" keeps meaning dogs in general. This writes those images with the
+settings of the original DreamBooth regularisation sets: guidance scale 10, 50 DDIM steps, eta 0.
+
+Image i is always made from seed --seed + i and named f"{i:05d}.png", and each finished image gets a line in
+manifest.jsonl (file, prompt, seed, steps, scale, eta, checkpoint, height, width; train.py reads the prompt from
+it). So an interrupted run continues where it stopped when started again, and the result is the same as an
+uninterrupted run: images are made in fixed batches (i // --batch-size), and a batch with any image missing is
+made again in full, so every image is computed alongside the same neighbours. A folder made with other settings is
+refused rather than mixed.
+
+There is no safety checker: a checker blacks out the images it flags, and black images in the prior would
+silently teach the model that black squares are dogs.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dreambooth
+from dreambooth.generate import generate
+from dreambooth.images import a1111_parameters, save_png
+
+ETA = 0.0  # deterministic DDIM, as in the regularisation sets of the original DreamBooth runs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="make_prior.py",
+                                description="Generate class images for DreamBooth's prior preservation.")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help='the class of the subject, e.g. "dog"')
+    p.add_argument("--prompt", help='default "photo of a {class}"')
+    p.add_argument("--num", type=int, default=200, help="how many images the folder should hold (default 200)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4,
+                   help="images made at once (default 4; 8 fits a 16 GB GPU at 512 px)")
+    p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale (default 10)")
+    p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--outdir", help="default prior/<class>")
+    p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
+                                  "else the built-in tiny model (also --ckpt tiny)")
+    p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
+    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; tiny: 64)")
+    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; tiny: 64)")
+    p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
+                   help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; default cuda if available")
+    args = p.parse_args(argv)
+
+    if not args.class_name and not args.prompt:
+        p.error("--class NAME is required (or give --prompt and --outdir)")
+    if not args.outdir and not args.class_name:
+        p.error("--outdir DIR is required without --class")
+    args.prompt = args.prompt or f"photo of a {args.class_name}"
+    args.outdir = Path(args.outdir or Path("prior", args.class_name))
+    for flag in ("H", "W"):
+        size = getattr(args, flag)
+        if size is not None and (size <= 0 or size % 8):
+            p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
+    for flag in ("num", "batch_size", "ddim_steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.ddim_steps > 999:
+        p.error(f"--ddim_steps {args.ddim_steps}: at most 999 (the model was trained on 1000 timesteps)")
+    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
+        p.error(f"--ckpt {args.ckpt}: no such file")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    return args
+
+
+def read_manifest(outdir: Path, settings: dict) -> set[str]:
+    """The files of outdir that manifest.jsonl records as finished (and that exist), after checking that every
+    record was made with `settings`. A last line cut short by an interruption is dropped."""
+    manifest = outdir / "manifest.jsonl"
+    if not manifest.exists():
+        return set()
+    text = manifest.read_text()
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):  # the run stopped while appending this line
+        lines.pop()
+        _write_atomic(manifest, "".join(line + "\n" for line in lines))
+    done = set()
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            index = int(Path(record["file"]).stem)
+            recorded = {key: record[key] for key in settings} | {"seed": record["seed"] - index}
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"make_prior.py: error: {manifest} line {n} is not a manifest record ({e})") from None
+        for key, value in settings.items():
+            if recorded[key] != value:
+                raise SystemExit(f"make_prior.py: error: {outdir} holds images made with {key} {recorded[key]!r}, "
+                                 f"not {value!r}; choose another --outdir or empty the folder")
+        if (outdir / record["file"]).is_file():
+            done.add(record["file"])
+    return done
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.ckpt is None:
+        found = [f for f in ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors") if Path(f).is_file()]
+        args.ckpt = found[0] if found else "tiny"
+        if not found:
+            print("note: no weights/sd-v1-4.ckpt or .safetensors; using the built-in tiny (random) model")
+    try:
+        sd = dreambooth.load(args.ckpt, device=args.device)
+    except ValueError as e:
+        raise SystemExit(f"make_prior.py: error: {e}") from None
+    height, width = args.H or sd.resolution, args.W or sd.resolution
+
+    # What is already there: a resumed run must use the same settings. ("seed" here is the base seed; a manifest
+    # line records seed + i, and read_manifest subtracts i again.)
+    settings = {"prompt": args.prompt, "seed": args.seed, "steps": args.ddim_steps, "scale": args.scale, "eta": ETA,
+                "checkpoint": sd.name, "height": height, "width": width}
+    outdir = args.outdir
+    outdir.mkdir(parents=True, exist_ok=True)
+    done = read_manifest(outdir, settings)
+    names = [f"{i:05d}.png" for i in range(args.num)]
+    batches = [range(start, min(start + args.batch_size, args.num)) for start in range(0, args.num, args.batch_size)]
+    todo = [batch for batch in batches if any(names[i] not in done for i in batch)]
+    remaining = sum(names[i] not in done for batch in todo for i in batch)
+
+    # Generate batch by batch; an image counts as finished once its manifest line is written.
+    with open(outdir / "manifest.jsonl", "a") as manifest, \
+            tqdm(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
+        for batch in todo:
+            images = generate(sd, [args.prompt] * len(batch), [args.seed + i for i in batch], steps=args.ddim_steps,
+                              scale=args.scale, eta=ETA, height=height, width=width, progress=False,
+                              precision=args.precision)
+            for i, image in zip(batch, images):
+                if names[i] in done:
+                    continue
+                parameters = a1111_parameters(args.prompt, "", args.ddim_steps, args.scale, args.seed + i,
+                                              width, height, Path(sd.name).stem, ETA)
+                save_png(image, outdir / names[i], parameters)
+                record = {"file": names[i]} | settings | {"seed": args.seed + i}
+                manifest.write(json.dumps(record) + "\n")
+                manifest.flush()
+                os.fsync(manifest.fileno())
+                bar.update(1)
+
+    class_flag = f"--class {args.class_name}" if args.class_name else f'--prior-prompt "{args.prompt}"'
+    print(f"{args.num} class images of {args.prompt!r} in {outdir}/ (manifest.jsonl lists them); use them with: "
+          f"python train.py --instance <photos> --prior {outdir} {class_flag}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

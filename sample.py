@@ -1,0 +1,129 @@
+"""Generate images from text with a Stable Diffusion v1 checkpoint, for example one that train.py fine-tuned.
+
+    python sample.py --ckpt runs/dog-<date>/model.safetensors --prompt "a sks dog in the snow"
+    python sample.py --from-file prompts.txt --n_samples 4 --n_iter 2 --seed 7
+
+The flags are those of the CompVis scripts/stable_txt2img.py (dashed spellings work too). Each image is a numbered
+PNG in --outdir, continuing after the highest number already there (nothing is overwritten), and carries
+AUTOMATIC1111's 'parameters' text (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model), so
+A1111's "PNG Info" tab can read it. Image k of a run is made from seed --seed + k: the same flags give the same
+images, and `--seed <its seed> --n_samples 1` makes one of them again (equal up to the last bits of the floating-
+point arithmetic, which can depend on the batch size).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dreambooth
+from dreambooth.generate import generate
+from dreambooth.images import a1111_parameters, image_grid, next_index, save_png
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="sample.py",
+                                description="Text to image with a Stable Diffusion v1 checkpoint (DDIM sampler).")
+    p.add_argument("--prompt", help="the text to draw")
+    p.add_argument("--from-file", "--from_file", dest="from_file", metavar="FILE",
+                   help="a text file with one prompt a line, instead of --prompt")
+    p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
+                   help='what to steer away from (the "unconditional" prompt of guidance; default "")')
+    p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
+                                  "else the built-in tiny model (also --ckpt tiny)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (the -full-ema files)")
+    p.add_argument("--outdir", default="outputs/samples", help="where the PNGs go (default %(default)s)")
+    p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--ddim_eta", "--ddim-eta", dest="ddim_eta", type=float, default=0.0,
+                   help="0 = deterministic DDIM, 1 = as much fresh noise per step as DDPM")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--n_samples", "--n-samples", dest="n_samples", type=int, default=1,
+                   help="batch size: images made at once (default 1, light enough for a CPU; 3-4 on a GPU)")
+    p.add_argument("--n_iter", "--n-iter", dest="n_iter", type=int, default=1,
+                   help="how many times to go through the prompts")
+    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; tiny: 64)")
+    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; tiny: 64)")
+    p.add_argument("--seed", type=int, default=42, help="image k of the run uses seed + k")
+    p.add_argument("--skip_grid", "--skip-grid", dest="skip_grid", action="store_true",
+                   help="do not write the grid of all the run's images")
+    p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
+                   help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; default cuda if available")
+    args = p.parse_args(argv)
+
+    if (args.prompt is None) == (args.from_file is None):
+        p.error("give either --prompt TEXT or --from-file FILE")
+    if args.from_file:
+        if not Path(args.from_file).is_file():
+            p.error(f"--from-file {args.from_file}: no such file")
+        args.prompts = [line.strip() for line in Path(args.from_file).read_text().splitlines() if line.strip()]
+        if not args.prompts:
+            p.error(f"--from-file {args.from_file}: no prompts in it")
+    else:
+        args.prompts = [args.prompt] * args.n_samples  # as in stable_txt2img.py: one batch of the same prompt
+    for flag in ("H", "W"):
+        size = getattr(args, flag)
+        if size is not None and (size <= 0 or size % 8):
+            p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
+    for flag in ("ddim_steps", "n_samples", "n_iter"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.ddim_steps > 999:
+        p.error(f"--ddim_steps {args.ddim_steps}: at most 999 (the model was trained on 1000 timesteps)")
+    if args.ddim_eta < 0:
+        p.error(f"--ddim_eta {args.ddim_eta}: must be >= 0")
+    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
+        p.error(f"--ckpt {args.ckpt}: no such file")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.ckpt is None:
+        found = [f for f in ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors") if Path(f).is_file()]
+        args.ckpt = found[0] if found else "tiny"
+        if not found:
+            print("note: no weights/sd-v1-4.ckpt or .safetensors; sampling the built-in tiny (random) model")
+    try:
+        sd = dreambooth.load(args.ckpt, device=args.device, ema=args.ema)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: error: {e}") from None
+    height, width = args.H or sd.resolution, args.W or sd.resolution
+    model = Path(sd.name).stem
+
+    # The run: --n_iter passes over the prompts, in batches of --n_samples; image k gets seed + k.
+    prompts = [prompt for _ in range(args.n_iter) for prompt in args.prompts]
+    seeds = [args.seed + k for k in range(len(prompts))]
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    first = next_index(outdir)
+    images = []
+    with tqdm(total=len(prompts), desc="sampling", unit="image") as bar:
+        for start in range(0, len(prompts), args.n_samples):
+            batch, batch_seeds = prompts[start:start + args.n_samples], seeds[start:start + args.n_samples]
+            batch_images = generate(sd, batch, batch_seeds, args.negative_prompt, args.ddim_steps, args.scale,
+                                    args.ddim_eta, height, width, precision=args.precision)
+            for k, (prompt, seed, image) in enumerate(zip(batch, batch_seeds, batch_images), start=start):
+                parameters = a1111_parameters(prompt, args.negative_prompt, args.ddim_steps, args.scale, seed,
+                                              width, height, model, args.ddim_eta)
+                save_png(image, outdir / f"{first + k:05d}.png", parameters)
+            images += batch_images
+            bar.update(len(batch))
+
+    where = f"{outdir}/{first:05d}.png" + (f" .. {first + len(images) - 1:05d}.png" if len(images) > 1 else "")
+    if not args.skip_grid:
+        grid = outdir / f"grid-{next_index(outdir, prefix='grid-'):04d}.png"
+        first_parameters = a1111_parameters(prompts[0], args.negative_prompt, args.ddim_steps, args.scale,
+                                            seeds[0], width, height, model, args.ddim_eta)
+        save_png(image_grid(images, cols=args.n_samples), grid, first_parameters)  # A1111 labels grids so too
+        where += f" and the grid {grid}"
+    print(f"wrote {len(images)} image{'s' * (len(images) > 1)}: {where}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

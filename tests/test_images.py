@@ -1,0 +1,118 @@
+"""Reading photos (EXIF, colour modes, crop, errors) and writing PNGs with A1111 metadata."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth.images import (a1111_parameters, image_grid, list_images, load_image, next_index, save_png,
+                               to_pil)
+
+
+def test_list_images_sorted_and_filtered(tmp_path):
+    for name in ["b.JPG", "a.png", "c.webp", "d.bmp", "e.jpeg", "notes.txt", "manifest.jsonl", ".hidden.png"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.JPG", "c.webp", "d.bmp", "e.jpeg"]
+
+
+def test_list_images_errors_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="no such folder") as e:
+        list_images(tmp_path / "missing")
+    assert "missing" in str(e.value)
+    with pytest.raises(ValueError, match=f"{tmp_path}: no images"):
+        list_images(tmp_path)
+
+
+def test_load_image_crops_the_centre_of_the_shorter_side(tmp_path):
+    # 192x64 landscape: left third red, middle third green, right third blue. The centre crop is the green third.
+    pixels = np.zeros((64, 192, 3), dtype=np.uint8)
+    pixels[:, :64, 0] = pixels[:, 64:128, 1] = pixels[:, 128:, 2] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    img = load_image(tmp_path / "wide.png", 32)
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    # (the resampling filter reaches a pixel or two past the crop, so look inside the border)
+    torch.testing.assert_close(img[:, 4:28, 4:28].mean(dim=(1, 2)), torch.tensor([-1.0, 1.0, -1.0]))
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    # Stored landscape (top half black, bottom white) with orientation 6 "rotate 90 CW to display": displayed
+    # upright it is portrait with the black half on the right.
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    pixels[16:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    img = load_image(tmp_path / "rotated.jpg", 32)
+    assert img[:, :, 24:].mean() < -0.9 and img[:, :, :8].mean() > 0.9
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "LA", "I;16"])
+def test_load_image_accepts_any_colour_mode(tmp_path, mode):
+    path = tmp_path / ("img.jpg" if mode == "CMYK" else "img.png")
+    Image.new("RGB", (40, 40), (200, 100, 50)).convert(mode).save(path)
+    img = load_image(path, 32)
+    assert img.shape == (3, 32, 32) and img.min() >= -1 and img.max() <= 1
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    torch.testing.assert_close(load_image(tmp_path / "clear.png", 32), torch.ones(3, 32, 32))
+
+
+def test_small_image_warns_naming_the_file(tmp_path):
+    Image.new("RGB", (20, 30)).save(tmp_path / "tiny.png")
+    with pytest.warns(UserWarning, match=r"tiny\.png: 20x30 is smaller than 32"):
+        assert load_image(tmp_path / "tiny.png", 32).shape == (3, 32, 32)
+
+
+def test_unreadable_image_error_names_the_file(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"broken\.jpg: cannot read image"):
+        load_image(tmp_path / "broken.jpg", 32)
+
+
+def test_to_pil_maps_minus_one_to_zero_and_one_to_255():
+    img = torch.stack([torch.full((2, 3), -1.0), torch.zeros(2, 3), torch.full((2, 3), 2.0)])
+    pil = to_pil(img)
+    assert pil.size == (3, 2) and pil.mode == "RGB"
+    assert np.asarray(pil)[0, 0].tolist() == [0, 128, 255]
+
+
+def test_image_grid_layout():
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    grid = image_grid([Image.new("RGB", (4, 6), c) for c in colours], cols=2)
+    assert grid.size == (8, 12)
+    assert [grid.getpixel(xy) for xy in [(0, 0), (4, 0), (0, 6), (4, 6)]] == colours + [(0, 0, 0)]
+
+
+def test_a1111_parameters_format():
+    assert a1111_parameters("photo of a sks dog", "", 50, 7.5, 42, 512, 512, "sd-v1-4") == (
+        "photo of a sks dog\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-v1-4")
+    assert a1111_parameters("a dog", "blurry", 20, 10.0, 7, 640, 512, "tiny", eta=0.5) == (
+        "a dog\nNegative prompt: blurry\n"
+        "Steps: 20, Sampler: DDIM, CFG scale: 10.0, Seed: 7, Size: 640x512, Model: tiny, Eta: 0.5")
+
+
+def test_save_png_writes_metadata_atomically(tmp_path):
+    path = tmp_path / "00000.png"
+    save_png(Image.new("RGB", (8, 8), (1, 2, 3)), path, "a dog\nSteps: 5")
+    with Image.open(path) as img:
+        assert img.text == {"parameters": "a dog\nSteps: 5"} and img.getpixel((0, 0)) == (1, 2, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.png"]  # no temporary file left behind
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "00000.png"
+    save_png(Image.new("RGB", (8, 8)), path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_png(Image.new("RGB", (0, 0)), path)  # PIL cannot write an empty image
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["00000.png"]
+
+
+def test_next_index(tmp_path):
+    assert next_index(tmp_path / "missing") == 0
+    assert next_index(tmp_path) == 0
+    for name in ["00000.png", "00007.png", "grid-0003.png", "00009.jpg", "x00012.png"]:
+        (tmp_path / name).write_bytes(b"")
+    assert next_index(tmp_path) == 8
+    assert next_index(tmp_path, prefix="grid-") == 4
