@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import dreambooth
+from dreambooth.checkpoint import default_checkpoint
 from dreambooth.generate import generate
 from dreambooth.images import a1111_parameters, save_png
 
@@ -115,10 +116,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.ckpt is None:
-        found = [f for f in ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors") if Path(f).is_file()]
-        args.ckpt = found[0] if found else "tiny"
-        if not found:
-            print("note: no weights/sd-v1-4.ckpt or .safetensors; using the built-in tiny (random) model")
+        args.ckpt = default_checkpoint("make_prior.py")
     try:
         sd = dreambooth.load(args.ckpt, device=args.device)
     except ValueError as e:

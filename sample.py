@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import dreambooth
+from dreambooth.checkpoint import default_checkpoint
 from dreambooth.generate import generate
 from dreambooth.images import a1111_parameters, image_grid, next_index, save_png
 
@@ -85,10 +86,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.ckpt is None:
-        found = [f for f in ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors") if Path(f).is_file()]
-        args.ckpt = found[0] if found else "tiny"
-        if not found:
-            print("note: no weights/sd-v1-4.ckpt or .safetensors; sampling the built-in tiny (random) model")
+        args.ckpt = default_checkpoint("sample.py")
     try:
         sd = dreambooth.load(args.ckpt, device=args.device, ema=args.ema)
     except ValueError as e:

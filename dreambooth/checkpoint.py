@@ -52,6 +52,19 @@ IGNORED = {
 LIGHTNING = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 
 
+# Where the programs look when --ckpt is not given, in this order (relative to the working folder).
+DEFAULT_FILES = ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors")
+
+
+def default_checkpoint(program: str) -> str:
+    """The first of DEFAULT_FILES that exists, else "tiny" with a one-line notice saying so."""
+    for f in DEFAULT_FILES:
+        if Path(f).is_file():
+            return f
+    print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in tiny (random) model")
+    return "tiny"
+
+
 class CheckpointError(ValueError):
     """A file that is not a Stable Diffusion v1 checkpoint we can load (the message says why)."""
 

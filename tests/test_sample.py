@@ -120,7 +120,7 @@ def test_command_line_without_weights_uses_the_tiny_model(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("note: no weights/sd-v1-4.ckpt or .safetensors")
+    assert lines[0].startswith("sample.py: note: no weights/sd-v1-4.ckpt or .safetensors")
     assert lines[-1] == "wrote 1 image: outputs/samples/00000.png"
     assert [p.name for p in (tmp_path / "outputs" / "samples").iterdir()] == ["00000.png"]
     assert parameters(tmp_path / "outputs/samples/00000.png").endswith("Seed: 42, Size: 64x64, Model: tiny")
