@@ -12,6 +12,7 @@ The key layout is proven to be the real one by diffusers' own LDM -> diffusers c
 code diffusers runs on sd-v1-4 files) followed by strict loads into diffusers' UNet2DConditionModel
 and AutoencoderKL and transformers' CLIPTextModel: no key table of ours is involved.
 """
+import json
 import sys
 import types
 from contextlib import contextmanager
@@ -229,3 +230,22 @@ def sd_v1_files(tmp_path_factory):
     yield files
     files.ckpt.unlink()  # 4 GB of disk: do not leave it to pytest's basetemp rotation
     files.safetensors.unlink()
+
+
+def write_diffusers_config(folder, sd) -> None:
+    """A local StableDiffusionPipeline config folder with the tiny model's sizes (no download)."""
+    import diffusers
+
+    components = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+                  "text_encoder": ("transformers", "CLIPTextModel"), "scheduler": ("diffusers", "DDIMScheduler"),
+                  "tokenizer": ("transformers", "CLIPTokenizer"), "safety_checker": (None, None),
+                  "feature_extractor": (None, None)}
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False, **components}))
+    with torch.device("meta"):
+        diffusers.UNet2DConditionModel(**diffusers_unet_config(sd.unet.config)).save_config(folder / "unet")
+        diffusers.AutoencoderKL(**diffusers_vae_config(sd.vae.config)).save_config(folder / "vae")
+    transformers_clip_config(sd.text_encoder.config).save_pretrained(folder / "text_encoder")
+    diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_config(folder / "scheduler")

@@ -149,7 +149,7 @@ def tiny_and_pipeline(tmp_path_factory):
     """The tiny model written by dreambooth.save in the original layout, loaded by us and by diffusers'
     StableDiffusionPipeline.from_single_file (config from a local folder, no download)."""
     import dreambooth
-    from tests.test_checkpoint import write_diffusers_config
+    from tests.conftest import write_diffusers_config
 
     folder = tmp_path_factory.mktemp("pipeline")
     path = folder / "tiny.safetensors"
