@@ -1,6 +1,5 @@
 """dreambooth.load / save: full-size parity from both file formats, safe unpickling, the checks
 and their messages, EMA, round trips, and files that diffusers' single-file loader opens."""
-import json
 import os
 import re
 import subprocess
@@ -13,8 +12,8 @@ from safetensors.torch import load_file, save_file
 import dreambooth
 from dreambooth.checkpoint import CheckpointError
 from dreambooth.unet import UNetConfig
-from tests.conftest import (CLIP, UNET, VAE, compvis_schedule, diffusers_unet_config, diffusers_vae_config,
-                            parity_inputs, transformers_clip_config, write_lightning_ckpt)
+from tests.conftest import (CLIP, UNET, VAE, compvis_schedule, diffusers_unet_config, parity_inputs,
+                            write_diffusers_config, write_lightning_ckpt)
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:

@@ -1,0 +1,53 @@
+"""The benchmarks still run: benchmarks/cpu.py --quick and benchmarks/gpu.py in its CPU smoke mode, as programs.
+
+No timing is checked, only that every row is printed with its figures, and (cpu.py) that ours and diffusers
+computed the same thing, which the benchmark measures before it times anything.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBER = r"(\d+\.\d+)"
+
+
+def run(*args) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_cpu_benchmark_quick_prints_every_row_and_both_sides_agree():
+    out = run("benchmarks/cpu.py", "--quick", "--repeats", "1", "--threads", "1")
+    for name in ("UNet forward+backward", "training step, AdamW in backward", "training step, AdamW after backward",
+                 "sampling (tiny model)"):
+        assert re.search(rf"^{re.escape(name)} +{NUMBER} +{NUMBER} +{NUMBER}", out, re.M), f"no row {name!r}:\n{out}"
+    eps_diff = float(re.search(r"max \|eps ours - eps diffusers\| = (\S+)", out).group(1))
+    assert eps_diff <= 1e-4
+    assert int(re.search(r"max pixel difference = (\d+) / 255", out).group(1)) <= 2
+
+
+def test_gpu_benchmark_smoke_prints_every_row():
+    out = run("benchmarks/gpu.py", "--cpu-smoke")
+    assert "CPU smoke run" in out
+    for trainer, mode, checkpointing, text_encoder in (
+            ("ours", "eager", "on", "frozen"), ("ours", "eager", "off", "frozen"), ("ours", "compiled", "on", "frozen"),
+            ("ours", "eager", "on", "trained"), ("diffusers", "eager", "on", "frozen"),
+            ("diffusers", "eager", "off", "frozen"), ("diffusers", "eager", "on", "trained")):
+        row = rf"^{trainer} +{mode} +{checkpointing} +{text_encoder} +{NUMBER} +-$"
+        assert re.search(row, out, re.M), f"no training row {trainer} {mode} {checkpointing} {text_encoder}:\n{out}"
+    for sampler, mode in (("ours", "eager"), ("ours", "compiled"), ("diffusers", "eager")):
+        assert re.search(rf"^{sampler} +{mode} +{NUMBER}$", out, re.M), f"no sampling row {sampler} {mode}:\n{out}"
+
+
+def test_gpu_benchmark_names_a_missing_reference(monkeypatch):
+    from benchmarks import gpu
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails as if it were absent
+    assert gpu.reference_missing().startswith("skipped: diffusers is not installed here")
