@@ -23,55 +23,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.same_weights import diffusers_unet_config, diffusers_vae_config, transformers_clip_config
 from dreambooth.clip import CLIPConfig, CLIPTextModel
 from dreambooth.unet import UNetConfig, UNetModel
 from dreambooth.vae import AutoencoderKL, VAEConfig
 
 # The prefixes of the original CompVis checkpoints (ldm.models.diffusion.ddpm.LatentDiffusion).
 UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
-
-
-def diffusers_unet_config(cfg: UNetConfig) -> dict:
-    """diffusers' UNet2DConditionModel config for the SD v1 architecture with cfg's sizes."""
-    levels = range(len(cfg.channel_mult))
-    return dict(
-        sample_size=64,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=["CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D" for lv in levels],
-        up_block_types=["CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D" for lv in reversed(levels)],
-        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
-        layers_per_block=cfg.num_res_blocks,
-        attention_head_dim=cfg.num_heads,  # diffusers' legacy name: for SD v1 it is the number of heads
-        cross_attention_dim=cfg.context_dim,
-        use_linear_projection=False,
-    )
-
-
-def diffusers_vae_config(cfg: VAEConfig) -> dict:
-    levels = len(cfg.ch_mult)
-    return dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
-        layers_per_block=cfg.num_res_blocks,
-        latent_channels=cfg.z_channels,
-        norm_num_groups=32,
-        sample_size=512,
-    )
-
-
-def transformers_clip_config(cfg: CLIPConfig):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_length,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        projection_dim=cfg.width,
-    )
 
 
 def compvis_schedule() -> dict[str, torch.Tensor]:

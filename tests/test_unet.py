@@ -7,6 +7,7 @@ That proves our module names and shapes are the original CompVis layout; the out
 import pytest
 import torch
 
+from benchmarks.same_weights import diffusers_unet_config, random_weights_
 from dreambooth.unet import UNetConfig, UNetModel
 
 diffusers = pytest.importorskip("diffusers")
@@ -15,50 +16,14 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # n
 PREFIX = "model.diffusion_model."
 
 
-def diffusers_config(cfg: UNetConfig) -> dict:
-    """The diffusers UNet2DConditionModel config of the SD v1 architecture with cfg's sizes."""
-    levels = range(len(cfg.channel_mult))
-    return dict(
-        sample_size=64,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=[
-            "CrossAttnDownBlock2D" if lv in cfg.attention_levels else "DownBlock2D" for lv in levels
-        ],
-        up_block_types=[
-            "CrossAttnUpBlock2D" if lv in cfg.attention_levels else "UpBlock2D" for lv in reversed(levels)
-        ],
-        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
-        layers_per_block=cfg.num_res_blocks,
-        attention_head_dim=cfg.num_heads,  # diffusers' legacy name: for SD v1 this is the number of heads
-        cross_attention_dim=cfg.context_dim,
-        use_linear_projection=False,
-    )
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Seeded random weights everywhere (no zero-initialised layers that could hide a bug)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=g)
-                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
-                    p.copy_(1 + 0.05 * noise)
-                elif p.ndim >= 2:  # linear / conv, scaled by fan-in so activations stay O(1) through the net
-                    p.copy_(noise / p[0].numel() ** 0.5)
-                else:
-                    p.copy_(0.05 * noise)
-
-
 def build_pair(cfg: UNetConfig):
     """Ours with random weights, and diffusers' loaded (strictly) from ours through diffusers' LDM converter."""
-    with torch.device("meta"):  # skip the default init: randomize() writes every parameter anyway
+    with torch.device("meta"):  # skip the default init: random_weights_() writes every parameter anyway
         ours = UNetModel(cfg)
     ours = ours.to_empty(device="cpu").eval()
-    randomize(ours)
+    random_weights_(ours)
     checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    config = diffusers_config(cfg)
+    config = diffusers_unet_config(cfg)
     with torch.device("meta"):
         ref = diffusers.UNet2DConditionModel(**config)
     converted = convert_ldm_unet_checkpoint(checkpoint, ref.config)
@@ -128,7 +93,7 @@ def test_timestep_forms_agree(tiny_pair):
 
 def test_gradient_checkpointing_gives_same_grads(monkeypatch):
     model = UNetModel(UNetConfig.tiny()).train()
-    randomize(model, seed=3)
+    random_weights_(model, seed=3)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([3, 900])
