@@ -23,12 +23,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import dreambooth
 from dreambooth.checkpoint import default_checkpoint
-from dreambooth.generate import generate
+from dreambooth.generate import check_flags, generate
 from dreambooth.images import a1111_parameters, save_png
 
 ETA = 0.0  # deterministic DDIM, as in the regularisation sets of the original DreamBooth runs
@@ -61,21 +60,10 @@ def parse_args(argv=None):
         p.error("--outdir DIR is required without --class")
     args.prompt = args.prompt or f"photo of a {args.class_name}"
     args.outdir = Path(args.outdir or Path("prior", args.class_name))
-    for flag in ("H", "W"):
-        size = getattr(args, flag)
-        if size is not None and (size <= 0 or size % 8):
-            p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
-    for flag in ("num", "batch_size", "ddim_steps"):
+    for flag in ("num", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    if args.ddim_steps > 999:
-        p.error(f"--ddim_steps {args.ddim_steps}: at most 999 (the model was trained on 1000 timesteps)")
-    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
-        p.error(f"--ckpt {args.ckpt}: no such file")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
+    check_flags(p, args)
     return args
 
 

@@ -14,12 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import dreambooth
 from dreambooth.checkpoint import default_checkpoint
-from dreambooth.generate import generate
+from dreambooth.generate import check_flags, generate
 from dreambooth.images import a1111_parameters, image_grid, next_index, save_png
 
 
@@ -63,23 +62,12 @@ def parse_args(argv=None):
             p.error(f"--from-file {args.from_file}: no prompts in it")
     else:
         args.prompts = [args.prompt] * args.n_samples  # as in stable_txt2img.py: one batch of the same prompt
-    for flag in ("H", "W"):
-        size = getattr(args, flag)
-        if size is not None and (size <= 0 or size % 8):
-            p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
-    for flag in ("ddim_steps", "n_samples", "n_iter"):
+    for flag in ("n_samples", "n_iter"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.ddim_steps > 999:
-        p.error(f"--ddim_steps {args.ddim_steps}: at most 999 (the model was trained on 1000 timesteps)")
     if args.ddim_eta < 0:
         p.error(f"--ddim_eta {args.ddim_eta}: must be >= 0")
-    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
-        p.error(f"--ckpt {args.ckpt}: no such file")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
+    check_flags(p, args)
     return args
 
 

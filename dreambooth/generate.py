@@ -8,7 +8,9 @@ depends only on its prompt, its seed and the settings, not on the other images i
 RNG: one image of a batch can be regenerated alone. (On the same machine and batch layout the result is
 bit-for-bit the same; a different batch size can change the last bits of the floating-point arithmetic.)
 """
+import argparse
 import contextlib
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -50,3 +52,20 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
         vae_dtype = next(sd.vae.parameters()).dtype
         images = sd.vae.decode((latents / LATENT_SCALE).to(vae_dtype), slice_size)  # the VAE works unscaled
     return [to_pil(img) for img in images]
+
+
+def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags sample.py and make_prior.py share (--H, --W, --ddim_steps, --ckpt, --device): refuse bad values
+    with one line naming the flag, and resolve --device auto."""
+    for flag in ("H", "W"):
+        size = getattr(args, flag)
+        if size is not None and (size <= 0 or size % 8):
+            p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
+    if not 1 <= args.ddim_steps <= 999:
+        p.error(f"--ddim_steps {args.ddim_steps}: must be from 1 to 999 (the model was trained on 1000 timesteps)")
+    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
+        p.error(f"--ckpt {args.ckpt}: no such file")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
