@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .clip import IGNORED_KEYS as CLIP_IGNORED_KEYS
 from .clip import CLIPConfig, CLIPTextModel
 from .ddim import sd_alphas_cumprod
 from .stable_diffusion import StableDiffusion
@@ -42,7 +43,7 @@ EMA = "model_ema."  # LitEma stores the UNet as model_ema.diffusion_model<name w
 # Keys of real SD v1 files that load() reads past on purpose.
 IGNORED = {
     "model_ema.decay", "model_ema.num_updates",  # LitEma bookkeeping, not weights
-    CLIP + "embeddings.position_ids",  # arange(77) saved by old transformers; clip.py counts positions itself
+    *(CLIP + key for key in CLIP_IGNORED_KEYS),  # position_ids: arange(77) saved by old transformers (clip.py)
     # The DDPM schedule: all of it follows from alphas_cumprod, which is checked against ddim.py instead.
     "betas", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",

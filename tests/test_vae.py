@@ -11,47 +11,18 @@ import torch.nn.functional as F
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
+from benchmarks.same_weights import diffusers_vae_config, random_weights_  # noqa: E402
 from dreambooth import vae as vae_module  # noqa: E402
 from dreambooth.vae import LATENT_SCALE, AutoencoderKL, VAEConfig  # noqa: E402
 
 PREFIX = "first_stage_model."
 
 
-def diffusers_vae(cfg: VAEConfig) -> "diffusers.AutoencoderKL":
-    levels = len(cfg.ch_mult)
-    return diffusers.AutoencoderKL(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-        layers_per_block=cfg.num_res_blocks,
-        latent_channels=cfg.z_channels,
-        norm_num_groups=32,
-        sample_size=512,
-    )
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter from a seeded normal, so no zero-initialised layer (e.g. a bias or
-    proj_out) can hide a wrong layout; conv weights scaled by fan-in to keep activations O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if p.ndim > 1:
-            p.copy_(noise / p[0].numel() ** 0.5)
-        elif "norm" in name and name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * noise)
-        else:
-            p.copy_(0.1 * noise)
-
-
 def build_pair(cfg: VAEConfig):
     ours = AutoencoderKL(cfg).eval()
-    randomize(ours)
+    random_weights_(ours)
     checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    ref = diffusers_vae(cfg).eval()
+    ref = diffusers.AutoencoderKL(**diffusers_vae_config(cfg)).eval()
     converted = convert_ldm_vae_checkpoint(checkpoint, dict(ref.config))
     assert len(converted) == len(checkpoint), "diffusers' converter dropped or merged keys"
     ref.load_state_dict(converted, strict=True)
@@ -113,7 +84,7 @@ def test_full_size_layout(full_pair):
 
 def test_decode_slices_match_whole_batch():
     ours = AutoencoderKL(VAEConfig.tiny()).eval()
-    randomize(ours)
+    random_weights_(ours)
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         whole = ours.decode(z, slice_size=3)
