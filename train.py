@@ -14,21 +14,21 @@ with the noise prediction of Stable Diffusion:
     L = || eps_theta(x_t, t, c_instance) - eps ||^2  +  lambda * || eps_theta(x'_t', t', c_prior) - eps' ||^2
 
 x_t noises the VAE latent of a subject photo and x'_t' that of a prior image (DDPM eq. 4, see
-`dreambooth.ddim.add_noise`); lambda is --prior-weight. The file reads top to bottom: settings,
-the loss and the helpers of one step, then main(): setup, data, models, optimizer, the loop, saving.
+`dreambooth.ddim.add_noise`); lambda is --prior-weight. The file reads top to bottom: settings; one
+training step (the loss, what a step draws, the optimizer, the step as a call, and the CUDA graph that
+replays it on a GPU); previews and saving; setup; then main() and the loop.
 """
 import argparse
 import functools
 import json
 import math
 import os
-import random
 import signal
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -70,11 +70,13 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
                                                                          "Default bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute UNet activations in backward to save memory; default on for CUDA")
+                   help="recompute UNet activations in backward: less memory, slower steps; default on only where "
+                        "the GPU could not hold the run without it")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, record the whole step once as a CUDA graph and replay it (default on)")
     p.add_argument("--no-cache", action="store_true", help="encode the images with the VAE every step")
     p.add_argument("--no-step-in-backward", action="store_true",
                    help="plain optimizer loop instead of stepping each weight as soon as its gradient is ready")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--out", metavar="DIR", help="run folder; default runs/<class>-<date>")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     p.add_argument("--sample-every", type=int, default=200, help="write a preview grid every N steps; 0 = off")
@@ -113,9 +115,7 @@ def parse_args(argv=None):
 def resolve_defaults(args):
     """Fill in the defaults that depend on the machine, the files or the time, so train_state.pt records them."""
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = args.device.startswith("cuda")
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.grad_checkpointing = cuda if args.grad_checkpointing is None else args.grad_checkpointing
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.ckpt = args.ckpt or default_checkpoint("train.py")
     args.instance_prompt = args.instance_prompt or f"photo of a {args.token} {args.class_name}"
     if not args.prior_prompt:
@@ -127,7 +127,7 @@ def resolve_defaults(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# One training step
+# One training step: the loss, what a step draws, the optimizer, the step itself, and its CUDA graph.
 
 
 def dreambooth_loss(unet, latents, context, noise, t, alphas_cumprod, n_instance, prior_weight):
@@ -162,6 +162,98 @@ def sample_latents(posterior, generator):
     return (mean + torch.exp(0.5 * logvar) * noise) * LATENT_SCALE
 
 
+@dataclass
+class Photos:
+    """What a step draws from: the photos' VAE posteriors, cached by encode_posteriors, or with --no-cache the photos
+    themselves and the VAE that encodes them at every step. Rows [0, n_instance) are the subject's photos, the rest
+    the prior's."""
+    posteriors: torch.Tensor | None  # [N, 2 (flip), 8, h, w]
+    images: torch.Tensor | None      # [N, 3, R, R], with --no-cache
+    vae: torch.nn.Module | None      # with --no-cache
+    n_instance: int
+    n_prior: int
+    batch_size: int                  # subject photos per step, and as many prior images if there are any
+    timesteps: int = 1000            # t is drawn from [0, timesteps)
+    memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
+
+    def draw(self, generator):
+        """The random part of a step, in a fixed order: which photos (batch_size of the subject's, as many of the
+        prior's), their horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise.
+        Returns (latents, t, noise)."""
+        device = generator.device
+        idx = torch.randint(self.n_instance, (self.batch_size,), generator=generator, device=device)
+        if self.n_prior:
+            prior_idx = torch.randint(self.n_prior, (self.batch_size,), generator=generator, device=device)
+            idx = torch.cat([idx, self.n_instance + prior_idx])
+        flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
+        if self.posteriors is None:
+            x = torch.where(flip.view(-1, 1, 1, 1).bool(), self.images[idx].flip(-1), self.images[idx])
+            with torch.no_grad():
+                latents = sample_latents(torch.cat(self.vae.encode(x), dim=1), generator)
+        else:
+            latents = sample_latents(self.posteriors[idx, flip], generator)
+        t = torch.randint(self.timesteps, (len(idx),), generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        return latents.contiguous(memory_format=self.memory_format), t, noise.contiguous(memory_format=self.memory_format)
+
+
+class AdamW:
+    """What the loop needs of its optimizer, whichever way it steps: backward(loss) computes the gradients and
+    updates the weights; set_lr; a state for --resume.
+
+    torch's AdamW with weight decay 0.01 (its default, as in the seed), fused: one kernel per update, on CUDA and
+    on the CPU. Its learning rate is one tensor that every param group shares, so that set_lr is one write on the
+    device and a CUDA graph's recorded update reads the new value; on CUDA it also keeps its step count on the
+    device (capturable), so nothing in an update reads a value on the host."""
+
+    def __init__(self, groups, lr, device):
+        self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
+        self.optimizers = [torch.optim.AdamW(group, lr=self.lr, fused=True, capturable=device.type == "cuda")
+                           for group in groups]
+
+    def set_lr(self, lr):
+        self.lr.fill_(lr)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state["optimizers"]) != len(self.optimizers):  # one AdamW per block, or one for all
+            raise ValueError("keep its --precision, --clip-grad and --no-step-in-backward, which decide whether "
+                             "the optimizer steps inside backward")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr  # loading replaced it with the saved value
+
+
+class AdamWAfterBackward(AdamW):
+    """The plain way: backward fills every gradient, then one AdamW updates all the weights. Clipping the gradient
+    norm needs this way (it needs the whole gradient first), and so does fp16's loss scaling (it may skip a step)."""
+
+    def __init__(self, params, lr, device, clip_grad=0.0, fp16=False):
+        super().__init__([params], lr, device)
+        self.params, self.clip_grad = params, clip_grad
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    def backward(self, loss):
+        optimizer = self.optimizers[0]
+        self.scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return super().state_dict() | {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.scaler.load_state_dict(state["scaler"])
+
+
 def blocks(modules):
     """The trained parameters grouped by block, the unit the optimizer steps inside backward: input_blocks.3,
     middle_block.1, output_blocks.11, time_embed.0 of the UNet; embeddings, encoder.layers.5 of CLIP."""
@@ -174,17 +266,15 @@ def blocks(modules):
     return list(groups.values())
 
 
-class StepInBackward:
+class AdamWInBackward(AdamW):
     """AdamW stepped inside backward: each block has its own AdamW, and a hook on each parameter counts the
     gradients backward has finished (PyTorch calls it once the gradient is accumulated). When the last one of
     a block is in, that block's AdamW steps and frees its gradients. So only a few blocks' gradients exist at
     any time instead of a full copy of the weights (3.4 GB for the SD UNet in fp32), and the weights come out
-    the same as stepping after backward, because AdamW updates each parameter from its own gradient alone.
-    Not exact with gradient clipping (it needs the global norm first) or with fp16's GradScaler (it may skip
-    the whole step), so those use the plain loop."""
+    the same as stepping after backward, because AdamW updates each parameter from its own gradient alone."""
 
-    def __init__(self, groups, make_optimizer):
-        self.optimizers = [make_optimizer(group) for group in groups]
+    def __init__(self, groups, lr, device):
+        super().__init__(groups, lr, device)
         self.sizes = [len(group) for group in groups]
         self.waiting = list(self.sizes)
         for i, group in enumerate(groups):
@@ -198,20 +288,142 @@ class StepInBackward:
             self.optimizers[i].zero_grad(set_to_none=True)
             self.waiting[i] = self.sizes[i]
 
-    def check(self):
-        """After backward: every block has stepped (a parameter that got no gradient would hold its block back)."""
-        if self.waiting != self.sizes:
+    def backward(self, loss):
+        loss.backward()  # the weights are updated during this call
+        if self.waiting != self.sizes:  # a parameter that got no gradient would hold its block back
             raise RuntimeError("some trained parameters got no gradient; train with --no-step-in-backward")
 
 
+def autocast(args):
+    """The --precision of the networks: bf16/fp16 autocast keeps the fp32 weights and casts them where it pays.
+    Without its cache of those casts: a CUDA graph cannot keep it, and each weight is used once per forward anyway."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=args.precision != "fp32",
+                          cache_enabled=False)
+
+
+@dataclass
+class TrainStep:
+    """One DreamBooth step as a call: step(generator) draws a batch from the run's generator, computes eq. 2, runs
+    backward and updates the weights, and returns the losses [3] (eq. 2, instance, prior) on the device, unread.
+    Its two halves are methods: photos.draw() is the random part, learn() the rest, which a CUDA graph replays."""
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # trained with the UNet; None: frozen, and `contexts` holds its output
+    ids: torch.Tensor                     # [2, 77] token ids: the instance prompt, the prior prompt
+    contexts: torch.Tensor | None         # [2, 77, C] their contexts from the frozen text encoder
+    photos: Photos
+    alphas_cumprod: torch.Tensor
+    prior_weight: float                   # lambda of eq. 2
+    optimizer: AdamW
+    autocast: torch.autocast
+
+    def __post_init__(self):
+        rows = [0] * self.photos.batch_size + [1] * (self.photos.batch_size if self.photos.n_prior else 0)
+        self.which_prompt = torch.tensor(rows, device=self.ids.device)  # a tensor, so a CUDA graph can read it
+
+    def learn(self, latents, t, noise):
+        """Eq. 2 on the drawn batch, backward, and the weight update."""
+        with self.autocast:
+            context = self.text_encoder(self.ids) if self.text_encoder else self.contexts
+            losses = dreambooth_loss(self.unet, latents, context[self.which_prompt], noise, t, self.alphas_cumprod,
+                                     self.photos.batch_size, self.prior_weight)
+        self.optimizer.backward(losses[0])
+        return torch.stack(losses).detach()
+
+    def __call__(self, generator):
+        return self.learn(*self.photos.draw(generator))
+
+
+class CUDAGraphStep:
+    """A TrainStep replayed from one CUDA graph (https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs).
+
+    Why: a step of the SD UNet on a batch of two latents launches about 5,000 small kernels, and the GPU runs each
+    faster than Python and PyTorch can launch the next, so it waits half the time (the step is launch-bound: a
+    batch of 8 costs about what a batch of 2 costs). A CUDA graph records every kernel of one step once, with its
+    arguments and memory addresses, and replay() launches them all with one call.
+
+    What it asks: a replay reads and writes the same memory as the recording, so the step's inputs live in static
+    tensors that each call refills, and nothing inside may read a value on the host (hence the optimizer's tensor
+    learning rate and on-device step count). The random draws stay outside the graph, from the run's generator,
+    so a replayed run draws exactly what an eager run draws. The first calls run eagerly on a side stream, as
+    PyTorch's notes advise, so that lazy setup (AdamW's moments, cuBLAS workspaces) happens before recording."""
+
+    def __init__(self, step: TrainStep, warmup: int = 3):
+        self.step, self.warmup, self.graph = step, warmup, None
+
+    def __call__(self, generator):
+        batch = self.step.photos.draw(generator)
+        if self.graph is None and self.warmup:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                losses = self.step.learn(*batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return losses
+        if self.graph is None:  # record the step; nothing runs yet
+            self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.losses = self.step.learn(*self.inputs)
+        else:
+            for static, value in zip(self.inputs, batch):
+                static.copy_(value)
+        self.graph.replay()
+        return self.losses.clone()
+
+
+def why_eager(args, device):
+    """Why the step cannot be one CUDA graph here (a line), or None."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if not args.cuda_graph:
+        return "--no-cuda-graph"
+    if args.precision == "fp16":
+        return "fp16's loss scaler checks the gradients on the host and may skip a step; bf16 runs as one CUDA graph"
+    if args.clip_grad:
+        return "--clip-grad is not recorded in the graph; without it the step runs as one CUDA graph"
+    return None
+
+
+# Activation memory that backward keeps for one 512 px image (64x64 latents) in the full-size UNet under bf16
+# autocast without gradient checkpointing, in GiB: the probe's 13.8 GiB peak at batch 1+1 on an H100, less 9.6 GiB of
+# fp32 weights and AdamW moments, halved (issue 10, ../shared/probes). Scaled by latent pixels and UNet width.
+ACTIVATIONS_GIB = 2.1
+
+
+def choose_grad_checkpointing(args, unet, params, images_per_step, device):
+    """Gradient checkpointing keeps only each UNet block's input in forward and recomputes the block in backward:
+    a fraction of the activation memory, for more time per step. --grad-checkpointing / --no-grad-checkpointing
+    decide; by default it is on only where the GPU could not hold the run without it.
+    Returns (on, one line saying which and why)."""
+    if args.grad_checkpointing is not None:
+        return args.grad_checkpointing, f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'} (asked)"
+    if device.type != "cuda":
+        return False, "gradient checkpointing off: memory is not the limit on the CPU (--grad-checkpointing turns it on)"
+    size = images_per_step * (args.resolution / 512) ** 2 * unet.config.model_channels / 320
+    moments = sum(p.numel() for p in params) * 8 / 2**30  # AdamW's two fp32 moments, made at the first step
+    need = ACTIVATIONS_GIB * size + moments
+    free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device)) / 2**30
+    on = need > 0.85 * free
+    return on, (f"gradient checkpointing {'on' if on else 'off'}: without it the run needs about {need:.1f} GiB more "
+                f"and {free:.1f} GiB of GPU memory are free (--{'no-' if on else ''}grad-checkpointing forces it)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Previews, saving and resuming. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI,
+# diffusers). train_state.pt holds everything else needed to continue exactly: the fp32 weights being trained
+# (continuing from the fp16 copy would round them), the optimizer states, the step, the RNG states and the settings.
+
+
 @torch.no_grad()
-def preview(sd, prompts, seeds, args, path, autocast):
+def preview(sd, prompts, seeds, args, path):
     """A row of images from fixed seeds: the subject should appear in the edits while the last image, from the
     prior prompt, should keep showing the class in general (if it turns into the subject, the class drifts)."""
     sd.text_encoder.to(sd.device)
     sd.vae.to(sd.device)
     sd.unet.eval()
-    with autocast:
+    with autocast(args):
         images = generate(sd, prompts, seeds, steps=args.sample_steps, height=args.resolution,
                           width=args.resolution, progress=False)
     sd.unet.train()
@@ -225,55 +437,34 @@ def preview(sd, prompts, seeds, args, path, autocast):
     save_png(image_grid(images, cols=len(images)), path, parameters)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Saving and resuming. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI, diffusers).
-# train_state.pt holds everything else needed to continue exactly: the fp32 weights being trained (continuing from
-# the fp16 copy would round them), the optimizer states, the step, every RNG state and the settings.
-
-
 def rng_state(generator):
-    numpy_state = list(np.random.get_state())
-    numpy_state[1] = torch.from_numpy(numpy_state[1].astype(np.int64))  # so that torch.load(weights_only=True) works
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-            else [], "python": random.getstate(), "numpy": numpy_state, "data": generator.get_state()}
+    return {"torch": torch.get_rng_state(), "data": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     generator.set_state(state["data"])
 
 
-def save_checkpoint(out, sd, trained, optimizers, scaler, step, args, generator):
+def save_checkpoint(out, sd, trained, optimizer, step, args, generator):
     dreambooth.save(sd, out / "model.safetensors")  # fp16, original CompVis key layout; atomic
     state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
-             "optimizers": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(),
-             "rng": rng_state(generator)}
+             **optimizer.state_dict(), "rng": rng_state(generator)}
     torch.save(state, out / "train_state.pt.tmp")
     os.replace(out / "train_state.pt.tmp", out / "train_state.pt")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Setup: the photos and the model, then the step as main() runs it (benchmarks/gpu.py sets it up the same way).
 
 
-def main(argv=None):
-    args, state = parse_args(argv)
-    resolve_defaults(args)
-    out, device = Path(args.out), torch.device(args.device)
-    if not args.resume and out.exists() and any(out.iterdir()):
-        raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
-                         "choose another folder, or continue that run with --resume")
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, timesteps, noise
-
-    # Data and model. The folders are checked before the model loads, so mistakes show in seconds; bad input
-    # (a folder, an image, a checkpoint) stops the run with one line naming it.
+def load_model_and_photos(args, device):
+    """Returns (sd, images [N, 3, R, R], n_instance, n_prior); rows are the subject's photos, then the prior's.
+    The folders are checked before the model loads, so mistakes show in seconds; bad input (a folder, an image, a
+    checkpoint) stops the run with one line naming it."""
     if not args.prior:
         print("warning: no --prior: plain fine-tuning without prior preservation; the class may drift to the subject")
     try:
@@ -288,75 +479,147 @@ def main(argv=None):
         images = torch.stack([load_image(p, args.resolution) for p in instance_paths + prior_paths])
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}") from None
+    return sd, images, len(instance_paths), len(prior_paths)
+
+
+def make_step(sd, images, n_instance, n_prior, args, device):
+    """Everything a step needs, made once: the VAE posteriors of the photos and the CLIP contexts of the prompts
+    (then the VAE and a frozen text encoder leave the GPU), the UNet's memory layout and gradient checkpointing,
+    the optimizer, and the step, recorded as one CUDA graph where it can be. Returns (step, optimizer, trained)."""
     trained = {"unet": sd.unet} | ({"text_encoder": sd.text_encoder} if args.train_text_encoder else {})
-    if state:
-        for name, module in trained.items():
-            module.load_state_dict(state["weights"][name])
     sd.vae.requires_grad_(False).eval()
     sd.text_encoder.requires_grad_(args.train_text_encoder).train(args.train_text_encoder)
     sd.unet.train()
-    sd.unet.set_grad_checkpointing(args.grad_checkpointing)
-    unet = torch.compile(sd.unet) if args.compile else sd.unet
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
-
-    # Images -> VAE posteriors and prompts -> CLIP contexts, once; then the VAE and a frozen text encoder leave
-    # the GPU. Rows are the subject's images, then the prior's.
-    n_inst, n_prior, batch = len(instance_paths), len(prior_paths), args.batch_size
     ids = sd.tokenizer([args.instance_prompt, args.prior_prompt]).to(device)
-    which_prompt = torch.tensor([0] * batch + [1] * (batch if n_prior else 0), device=device)
+    posteriors = contexts = None
     if args.no_cache:
         images = images.to(device)
     else:
-        posteriors = encode_posteriors(sd.vae, images, device)
-        del images
+        posteriors, images = encode_posteriors(sd.vae, images, device), None
         sd.vae.to("cpu")
     if not args.train_text_encoder:
         with torch.no_grad():
             contexts = sd.text_encoder(ids)
         sd.text_encoder.to("cpu")
 
-    # Optimizer: torch's AdamW (weight decay 0.01, its default, as in the seed), fused: one kernel per update, on
-    # CUDA and on the CPU (4x faster there than the loop). Stepped inside backward where that is exact (see
-    # StepInBackward), else one optimizer stepped after backward.
+    # channels_last (NHWC) is the layout cuDNN's convolutions work in; in the default NCHW layout, a fifth of the
+    # step's GPU time went into converting to it and back. On the CPU it was slower, so there it stays NCHW.
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    sd.unet.to(memory_format=memory_format)
     params = [p for m in trained.values() for p in m.parameters()]
-    in_backward = not (args.no_step_in_backward or args.clip_grad or args.precision == "fp16")
-    if in_backward:
-        stepper = StepInBackward(blocks(trained), lambda group: torch.optim.AdamW(group, lr=args.lr, fused=True))
-        optimizers = stepper.optimizers
+    images_per_step = args.batch_size * (2 if n_prior else 1)
+    args.grad_checkpointing, checkpointing = choose_grad_checkpointing(args, sd.unet, params, images_per_step, device)
+    sd.unet.set_grad_checkpointing(args.grad_checkpointing)
+    if args.no_step_in_backward or args.clip_grad or args.precision == "fp16":
+        optimizer = AdamWAfterBackward(params, args.lr, device, args.clip_grad, fp16=args.precision == "fp16")
     else:
-        optimizers = [torch.optim.AdamW(params, lr=args.lr, fused=True)]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        optimizer = AdamWInBackward(blocks(trained), args.lr, device)
+    photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, n_prior, args.batch_size,
+                    len(sd.alphas_cumprod), memory_format)
+    step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
+                     sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args))
+    eager = why_eager(args, device)
+    print(f"{checkpointing}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
+          f"optimizer stepped {'after' if isinstance(optimizer, AdamWAfterBackward) else 'inside'} backward")
+    return (step if eager else CUDAGraphStep(step)), optimizer, trained
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args, state = parse_args(argv)
+    resolve_defaults(args)
+    out, device = Path(args.out), torch.device(args.device)
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
+                         "choose another folder, or continue that run with --resume")
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
+    sd, images, n_instance, n_prior = load_model_and_photos(args, device)
+    if state:  # the trained weights where the run stopped
+        for name, weights in state["weights"].items():
+            getattr(sd, name).load_state_dict(weights)
+    step, optimizer, trained = make_step(sd, images, n_instance, n_prior, args, device)
     start = 0
     if state:
-        if len(state["optimizers"]) != len(optimizers):  # one AdamW per block, or one for all
-            raise SystemExit(f"train.py: error: --resume {args.resume}: keep its --precision, --clip-grad and "
-                             "--no-step-in-backward, which decide whether the optimizer steps inside backward")
-        for o, s in zip(optimizers, state["optimizers"]):
-            o.load_state_dict(s)
-        scaler.load_state_dict(state["scaler"])
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: --resume {args.resume}: {e}") from None
         set_rng_state(state["rng"], generator)
         start = state["step"]
         del state
     if start >= args.steps:
         print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
         return
-
-    def lr_at(step):  # linear warm-up, then constant as in the seed
-        return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
-
     out.mkdir(parents=True, exist_ok=True)
+    print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
+          f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {n_prior} prior images at "
+          f"{args.resolution} px; run folder {out}")
+    train(args, sd, step, optimizer, trained, generator, start, out)
+
+
+def lr_at(step, args):
+    """Linear warm-up over --warmup-steps, then constant as in the seed."""
+    return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
+
+
+class Log:
+    """log.jsonl, and the losses of the steps since the last write, kept on the device until then: a non-finite
+    loss stops the run before anything is saved. Also the training time and the steps' peak GPU memory."""
+
+    def __init__(self, out, start, args):
+        self.file, self.args, self.out = open(out / "log.jsonl", "a"), args, out
+        self.pending, self.saved_step, self.t0, self.peak = [], start or None, time.time(), 0.0
+        self.cuda = torch.device(args.device).type == "cuda"
+        self.reset_peak()
+
+    def flush(self, step):
+        """Check and write the losses since the last flush; returns their mean."""
+        values = torch.stack(self.pending).tolist()
+        for k, (loss, *_) in enumerate(values):
+            if not math.isfinite(loss):
+                raise self.diverged(f"loss is {loss} at step {step - len(values) + k + 1}")
+        loss, loss_instance, loss_prior = (sum(column) / len(values) for column in zip(*values))
+        self.file.write(json.dumps({"step": step, "loss": loss, "loss_instance": loss_instance,
+                                    "loss_prior": loss_prior, "lr": lr_at(step, self.args),
+                                    "time": round(time.time() - self.t0, 3)}) + "\n")
+        self.file.flush()
+        self.pending.clear()
+        return loss
+
+    def diverged(self, what):
+        last = f"the last good checkpoint (step {self.saved_step}) is in {self.out}" if self.saved_step else \
+            "nothing was saved"
+        return SystemExit(f"train.py: error: {what}; stopped, {last}. Try a lower --lr or --precision fp32")
+
+    def note_peak(self):
+        if self.cuda:
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**30)
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def summary(self, steps):
+        seconds = time.time() - self.t0
+        self.note_peak()
+        memory = f", peak GPU memory {self.peak:.1f} GiB in the steps (previews not counted)" if self.cuda else ""
+        print(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s{memory})")
+
+    def close(self):
+        self.file.close()
+
+
+def train(args, sd, step_fn, optimizer, trained, generator, start, out):
+    """The loop: one step, then logging, previews and saves when they are due. Losses stay on the device and are
+    read every --log-every steps, so no step waits for the GPU."""
     subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
     sample_prompts = [args.instance_prompt, f"a {subject} in the snow", f"a {subject} on the beach",
                       f"a painting of a {subject}", args.prior_prompt]
     sample_seeds = [args.seed + k for k in range(len(sample_prompts))]
-    print(f"training {sum(p.numel() for p in params) / 1e6:.1f}M parameters of {args.ckpt} on {device}, "
-          f"{args.precision}, {n_inst} subject + {n_prior} prior images at {args.resolution} px; "
-          f"optimizer {'stepped in backward' if in_backward else 'after backward'}; run folder {out}")
-
-    # The loop. Losses stay on the device and are read every --log-every steps: no host-device sync per step.
-    log = open(out / "log.jsonl", "a")
-    pending, saved_step, t0 = [], start or None, time.time()
+    log = Log(out, start, args)
     stop = []  # Ctrl-C asks to stop; the loop finishes its step first, so the saved state is a whole step
 
     def on_ctrl_c(signum, frame):
@@ -365,70 +628,24 @@ def main(argv=None):
 
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     bar = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True)
-
-    def diverged(what):
-        last = f"the last good checkpoint (step {saved_step}) is in {out}" if saved_step else "nothing was saved"
-        return SystemExit(f"train.py: error: {what}; stopped, {last}. Try a lower --lr or --precision fp32")
-
-    def flush(step):
-        """Check and log the losses since the last flush. A non-finite loss stops the run before anything is saved."""
-        values = torch.stack(pending).tolist()
-        for k, (loss, *_) in enumerate(values):
-            if not math.isfinite(loss):
-                raise diverged(f"loss is {loss} at step {step - len(values) + k + 1}")
-        loss, loss_instance, loss_prior = (sum(column) / len(values) for column in zip(*values))
-        log.write(json.dumps({"step": step, "loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior,
-                              "lr": lr_at(step), "time": round(time.time() - t0, 3)}) + "\n")
-        log.flush()
-        bar.set_postfix(loss=f"{loss:.4f}")
-        pending.clear()
-
     try:
         for step in range(start + 1, args.steps + 1):
-            for o in optimizers:
-                for group in o.param_groups:
-                    group["lr"] = lr_at(step)
-            idx = torch.randint(n_inst, (batch,), generator=generator, device=device)
-            if n_prior:
-                prior_idx = torch.randint(n_prior, (batch,), generator=generator, device=device)
-                idx = torch.cat([idx, n_inst + prior_idx])
-            flip = torch.randint(2, idx.shape, generator=generator, device=device)  # horizontal flip, p = 0.5
-            if args.no_cache:
-                x = torch.where(flip.view(-1, 1, 1, 1).bool(), images[idx].flip(-1), images[idx])
-                with torch.no_grad():
-                    latents = sample_latents(torch.cat(sd.vae.encode(x), dim=1), generator)
-            else:
-                latents = sample_latents(posteriors[idx, flip], generator)
-            t = torch.randint(len(sd.alphas_cumprod), (len(idx),), generator=generator, device=device)
-            noise = torch.randn(latents.shape, generator=generator, device=device)
-            with autocast:
-                context = (sd.text_encoder(ids) if args.train_text_encoder else contexts)[which_prompt]
-                loss, loss_instance, loss_prior = dreambooth_loss(unet, latents, context, noise, t, sd.alphas_cumprod,
-                                                                  batch, args.prior_weight)
-            scaler.scale(loss).backward()  # with in_backward, the weights are updated during this call
-            if in_backward:
-                stepper.check()
-            else:
-                if args.clip_grad:
-                    scaler.unscale_(optimizers[0])
-                    torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-                scaler.step(optimizers[0])
-                scaler.update()
-                optimizers[0].zero_grad(set_to_none=True)
-            pending.append(torch.stack([loss, loss_instance, loss_prior]).detach())
+            optimizer.set_lr(lr_at(step, args))
+            log.pending.append(step_fn(generator))
             bar.update()
-
             sample_now = args.sample_every and (step % args.sample_every == 0 or step == args.steps)
             save_now = (args.save_every and step % args.save_every == 0) or step == args.steps or stop
             if step % args.log_every == 0 or sample_now or save_now:
-                flush(step)
+                bar.set_postfix(loss=f"{log.flush(step):.4f}")
             if sample_now:
-                preview(sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png", autocast)
+                log.note_peak()  # the steps' peak memory, before the preview's
+                preview(sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png")
+                log.reset_peak()
             if save_now:
-                if not all(p.isfinite().all() for p in params):
-                    raise diverged(f"the weights are not finite after step {step}")
-                save_checkpoint(out, sd, trained, optimizers, scaler, step, args, generator)
-                saved_step = step
+                if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):
+                    raise log.diverged(f"the weights are not finite after step {step}")
+                save_checkpoint(out, sd, trained, optimizer, step, args, generator)
+                log.saved_step = step
             if stop:
                 print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
                 return
@@ -436,10 +653,7 @@ def main(argv=None):
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         log.close()
-
-    seconds = time.time() - t0
-    memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    print(f"done: {args.steps - start} steps in {seconds:.0f} s ({(args.steps - start) / seconds:.2f} steps/s{memory})")
+    log.summary(args.steps - start)
     print(f"model: {out / 'model.safetensors'}  (python sample.py --ckpt {out / 'model.safetensors'} "
           f"--prompt \"{sample_prompts[1]}\")")
     print(f"log: {out / 'log.jsonl'}, previews: {out / 'samples'}, train state for --resume: {out / 'train_state.pt'}")

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import dreambooth
@@ -55,35 +55,71 @@ def weights(out):
     return torch.load(out / "train_state.pt", weights_only=True)["weights"]["unet"]
 
 
-def test_one_step_is_eq2_by_hand(photos, tmp_path, monkeypatch):
-    """The logged loss of a step is DreamBooth eq. 2, computed here from the step's own latents, noise and t;
-    the first row is the subject with the instance prompt, the second a prior image with the prompt of the prior
-    folder's manifest."""
-    seen = []
-
-    def recording_loss(unet, latents, context, noise, t, alphas_cumprod, n_instance, prior_weight):
-        with torch.no_grad():  # before backward, which updates the weights
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            eps = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, context)  # DDPM eq. 4
-            parts = F.mse_loss(eps[:1], noise[:1]), F.mse_loss(eps[1:], noise[1:])
-        seen.append(dict(parts=parts, context=context.clone(), n_instance=n_instance, prior_weight=prior_weight))
-        return dreambooth_loss(unet, latents, context, noise, t, alphas_cumprod, n_instance, prior_weight)
-
-    dreambooth_loss = train.dreambooth_loss
-    monkeypatch.setattr(train, "dreambooth_loss", recording_loss)
-    run(photos, tmp_path / "run", "--steps", "1", "--prior-weight", "0.5", "--lr", "1e-3")
-
-    (call,) = seen
-    assert (call["n_instance"], call["prior_weight"]) == (1, 0.5)
+def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt):
+    """One DreamBooth step written out, from the untouched tiny model: the draws in train.py's order from a CPU
+    generator seeded `seed` (subject rows, prior rows, flips, z ~ q(z|x), t, noise), DDPM eq. 4, eq. 2, backward,
+    and one step of torch's reference (unfused) AdamW. Returns ([loss, instance, prior], the UNet after)."""
     sd = dreambooth.load("tiny")
-    expected_context = sd.encode_text(["photo of a sks dog", "a dog, from make_prior"])
-    torch.testing.assert_close(call["context"], expected_context)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.stack([load_image(p, 64) for folder in ("instance", "prior")
+                          for p in sorted((photos / folder).glob("*.png"))])  # 2 subject photos, then 3 prior
+    idx = torch.cat([torch.randint(2, (batch_size,), generator=g), 2 + torch.randint(3, (batch_size,), generator=g)])
+    flip = torch.randint(2, idx.shape, generator=g).bool().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        mean, logvar = sd.vae.encode(torch.where(flip, images[idx].flip(-1), images[idx]))
+    z = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)) * 0.18215  # SD's latent scale
+    t = torch.randint(1000, idx.shape, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    context = sd.encode_text(["photo of a sks dog", prior_prompt])[[0] * batch_size + [1] * batch_size]
+    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = sd.unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, context)  # DDPM eq. 4, then the noise prediction
+    instance = (eps[:batch_size] - noise[:batch_size]).square().mean()
+    prior = (eps[batch_size:] - noise[batch_size:]).square().mean()
+    loss = instance + prior_weight * prior  # eq. 2
+    loss.backward()
+    torch.optim.AdamW(sd.unet.parameters(), lr=lr, weight_decay=0.01).step()
+    return [loss.item(), instance.item(), prior.item()], sd.unet
+
+
+def make_step(photos, *flags):
+    """train.py's own setup of the step on the tiny model, as main() makes it."""
+    args, _ = train.parse_args(["--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
+                                "--class", "dog", "--ckpt", "tiny", "--device", "cpu", "--resolution", "64", *flags])
+    train.resolve_defaults(args)
+    sd, images, n_instance, n_prior = train.load_model_and_photos(args, torch.device("cpu"))
+    step, optimizer, trained = train.make_step(sd, images, n_instance, n_prior, args, torch.device("cpu"))
+    return sd, step
+
+
+def assert_same_unet(unet, reference):
+    """The same weights within float rounding (fused and unfused AdamW round differently); an AdamW step at lr 1e-3
+    moves each weight by about 1e-3."""
+    start, ours, theirs = dreambooth.load("tiny").unet.state_dict(), unet.state_dict(), reference.state_dict()
+    for name in start:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert sum(not torch.equal(ours[k], start[k]) for k in start) > len(start) // 2  # the step moved them
+
+
+def test_step_is_eq2_then_adamw(photos):
+    """The step as a call: draws from the generator it is given, eq. 2 on them, and the AdamW update."""
+    sd, step = make_step(photos, "--batch-size", "2", "--prior-weight", "0.5", "--lr", "1e-3")
+    losses = step(torch.Generator().manual_seed(7))
+    expected, unet = eq2_by_hand(photos, 7, 2, 0.5, 1e-3, "a dog, from make_prior")
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert_same_unet(sd.unet, unet)
+
+
+def test_train_py_logs_eq2_and_saves_its_step(photos, tmp_path):
+    """main() end to end: its run generator (--seed 42), the prior prompt from the prior folder's manifest, the
+    logged losses and the saved weights are those of the step written out by hand."""
+    run(photos, tmp_path / "run", "--steps", "1", "--prior-weight", "0.5", "--lr", "1e-3")
+    expected, unet = eq2_by_hand(photos, 42, 1, 0.5, 1e-3, "a dog, from make_prior")
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    instance, prior = (p.item() for p in call["parts"])
     assert record["step"] == 1
-    assert record["loss_instance"] == pytest.approx(instance, rel=1e-5)
-    assert record["loss_prior"] == pytest.approx(prior, rel=1e-5)
-    assert record["loss"] == pytest.approx(instance + 0.5 * prior, rel=1e-5)
+    assert [record["loss"], record["loss_instance"], record["loss_prior"]] == pytest.approx(expected, rel=1e-5)
+    saved = dreambooth.load("tiny").unet
+    saved.load_state_dict(weights(tmp_path / "run"))
+    assert_same_unet(saved, unet)
 
 
 def test_short_run_learns_and_writes_a_usable_run(photos, tmp_path, capsys):
@@ -180,38 +216,81 @@ def test_text_encoder_training_in_bf16(photos, tmp_path):
     assert not torch.equal(trained["encoder.layers.0.mlp.fc1.weight"], start["encoder.layers.0.mlp.fc1.weight"])
 
 
-def test_ctrl_c_saves_the_step_and_exits(photos, tmp_path, monkeypatch, capsys):
-    calls = []
+def test_ctrl_c_saves_the_step_and_exits(photos, tmp_path):
+    """Ctrl-C in the middle of a long run: the step in progress finishes, is saved, and the --resume command shown."""
+    out = tmp_path / "run"
+    command = [sys.executable, "train.py", "--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
+               "--class", "dog", "--ckpt", "tiny", "--steps", "100000", "--log-every", "1", "--save-every", "0",
+               "--sample-every", "0", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and process.poll() is None:
+        assert time.monotonic() < deadline, "train.py logged no step in 300 s"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert 3 <= saved < 100000 and json.loads(log.read_text().splitlines()[-1])["step"] == saved
+    assert f"saved step {saved}" in stdout and "--resume" in stdout
 
-    def interrupted_loss(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return dreambooth_loss(*args)
 
-    dreambooth_loss = train.dreambooth_loss
-    monkeypatch.setattr(train, "dreambooth_loss", interrupted_loss)
-    handler = signal.getsignal(signal.SIGINT)
-    run(photos, tmp_path / "run", "--steps", "10")
-    assert len(calls) == 3 and torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["step"] == 3
-    assert "--resume" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGINT) is handler
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photos, tmp_path, monkeypatch):
-    calls = []
-
-    def exploding_loss(*args):
-        calls.append(1)
-        loss, loss_instance, loss_prior = dreambooth_loss(*args)
-        return (loss * float("nan") if len(calls) == 4 else loss), loss_instance, loss_prior
-
-    dreambooth_loss = train.dreambooth_loss
-    monkeypatch.setattr(train, "dreambooth_loss", exploding_loss)
-    with pytest.raises(SystemExit, match=r"loss is nan at step 4; .*\(step 3\)"):
-        run(photos, tmp_path / "run", "--steps", "10", "--save-every", "3")
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photos, tmp_path):
+    """At lr 1e8 the first step throws the weights far out and the second step's loss is nan."""
+    with pytest.raises(SystemExit, match=r"loss is nan at step 2; .*\(step 1\)"):
+        run(photos, tmp_path / "run", "--steps", "10", "--save-every", "1", "--log-every", "1", "--lr", "1e8")
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
-    assert state["step"] == 3 and all(w.isfinite().all() for w in state["weights"]["unet"].values())
+    assert state["step"] == 1 and all(w.isfinite().all() for w in state["weights"]["unet"].values())
+
+
+def test_why_the_step_runs_eagerly(photos, tmp_path, capsys):
+    """On CUDA the step is one CUDA graph unless a setting needs the host inside the step; each reason is a line."""
+    def why(*flags):
+        args, _ = train.parse_args(["--instance", "x", "--class", "dog", *flags])
+        return train.why_eager(args, torch.device("cuda"))
+
+    assert why("--precision", "bf16") is None and why("--precision", "fp32", "--no-cache") is None
+    assert "fp16" in why("--precision", "fp16")
+    assert "--clip-grad" in why("--clip-grad", "1")
+    assert "--no-cuda-graph" in why("--no-cuda-graph")
+    run(photos, tmp_path / "run", "--steps", "1")
+    printed = capsys.readouterr().out
+    assert "step: eager (CUDA graphs need a CUDA device)" in printed
+    assert "gradient checkpointing off: memory is not the limit on the CPU" in printed
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CUDA graph step")
+
+
+def mean_difference(a, b):
+    return sum((a[k].cpu().float() - b[k].cpu().float()).abs().sum().item() for k in a) / sum(a[k].numel() for k in a)
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpointing", ["--grad-checkpointing", "--no-grad-checkpointing"])
+def test_cuda_graph_trains_as_eager(photos, tmp_path, checkpointing, capsys):
+    """The replayed graph draws what eager draws and moves the weights as eager does, and resuming it does too.
+    Bit for bit where the same kernels run in the same order; cuDNN's and attention's backward kernels may
+    accumulate in another order, and AdamW's step of a weight with a gradient near 0 magnifies that, so the
+    measure is the mean difference against how far the weights moved (a stale input or a missed update moves
+    them elsewhere altogether)."""
+    flags = ["--steps", "8", "--lr", "1e-3", "--batch-size", "2", "--device", "cuda", "--precision", "bf16",
+             checkpointing]
+    run(photos, tmp_path / "eager", *flags, "--no-cuda-graph")
+    run(photos, tmp_path / "graph", *flags)
+    run(photos, tmp_path / "resumed", "--steps", "4", *flags[2:])
+    train.main(["--resume", str(tmp_path / "resumed"), "--steps", "8"])
+    assert "one CUDA graph" in capsys.readouterr().out
+    start = dreambooth.load("tiny").unet.state_dict()
+    eager, graph, resumed = (weights(tmp_path / name) for name in ("eager", "graph", "resumed"))
+    moved, differ = mean_difference(eager, start), mean_difference(graph, eager)
+    print(f"graph vs eager after 8 steps: mean |difference| {differ:.3g} (weights moved {moved:.3g}), largest "
+          f"{max((eager[k] - graph[k]).abs().max().item() for k in eager):.3g}, identical: "
+          f"{all(torch.equal(eager[k], graph[k]) for k in eager)}")
+    assert differ < 0.01 * moved
+    assert mean_difference(resumed, graph) < 0.01 * moved
 
 
 def test_bad_inputs_are_named(photos, tmp_path, capsys):
