@@ -100,9 +100,9 @@ def guided_eps_fn(unet, cond: torch.Tensor, uncond: torch.Tensor, scale: float):
     dtype = next(unet.parameters()).dtype
     context = torch.cat([uncond.expand_as(cond), cond]).to(dtype)
 
-    def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+    def eps_fn(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         x_in = torch.cat([x, x]).to(dtype)
-        t_in = torch.full((len(x_in),), t, dtype=torch.long, device=x.device)
+        t_in = torch.as_tensor(t, device=x.device).expand(len(x_in))  # t: an int, or a tensor a CUDA graph refills
         eps_uncond, eps_cond = unet(x_in, t_in, context).float().chunk(2)
         return eps_uncond + scale * (eps_cond - eps_uncond)
 
