@@ -225,6 +225,10 @@ class AdamW:
             optimizer.load_state_dict(saved)
             for group in optimizer.param_groups:
                 group["lr"] = self.lr  # loading replaced it with the saved value
+            for param, moments in optimizer.state.items():  # in the weight's memory layout, which fused AdamW needs
+                for key, value in moments.items():  # (a run saved on the CPU, NCHW, resumed on CUDA, channels_last)
+                    if value.shape == param.shape:
+                        moments[key] = torch.empty_like(param).copy_(value)
 
 
 class AdamWAfterBackward(AdamW):

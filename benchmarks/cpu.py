@@ -23,8 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: dreambooth/, train.py, benchmarks/
 
 import dreambooth  # noqa: E402
+from dreambooth import Tokenizer  # noqa: E402
 import train  # noqa: E402
-from benchmarks.same_weights import random_model, reference_pipeline, reference_unet  # noqa: E402
+from benchmarks.same_weights import random_model, random_photos, reference_pipeline, reference_unet  # noqa: E402
 from dreambooth.ddim import sd_alphas_cumprod  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.unet import UNetConfig, UNetModel  # noqa: E402
@@ -85,41 +86,37 @@ def forward_backward(ours: UNetModel, ref, inputs, repeats: int):
     return (*race(ours_step, ref_step, repeats=repeats), f"max |eps ours - eps diffusers| = {diff:.1e}")
 
 
-def training_steps(cfg: UNetConfig, inputs, repeats: int):
-    """One DreamBooth step on batch 1 instance + 1 prior from cached latents: loss, backward, AdamW.
+def training_steps(cfg: UNetConfig, latent: int, repeats: int):
+    """One DreamBooth step on batch 1 subject + 1 prior from cached latents: draw, loss, backward, AdamW.
 
-    Ours is train.py's step: its `dreambooth_loss` (paper eq. 2), then fused AdamW either stepped inside backward,
-    block by block (train.py's default: its `StepInBackward` over its `blocks`), or stepped after backward
-    (train.py --no-step-in-backward). The reference is the step of diffusers' train_dreambooth.py:
-    DDPMScheduler.add_noise, the UNet, MSE per half, AdamW after backward (fused too, so that both sides run the
-    same update kernel; the script itself uses torch's unfused default)."""
+    Ours is train.py's TrainStep, called as its loop calls it: Photos.draw, `dreambooth_loss` (paper eq. 2), and fused
+    AdamW either stepped inside backward, block by block (train.py's default, AdamWInBackward), or after backward
+    (train.py --no-step-in-backward, AdamWAfterBackward). The reference is the step of diffusers' train_dreambooth.py
+    on batches from the same draws: DDPMScheduler.add_noise, the UNet, MSE per half, AdamW after backward (fused too,
+    so that both sides run the same update kernel; the script itself uses torch's unfused default)."""
     import diffusers
 
-    latents, t, context = inputs
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
-    lr, alphas_cumprod = 1e-6, sd_alphas_cumprod()
+    lr, cpu, alphas_cumprod = 1e-6, torch.device("cpu"), sd_alphas_cumprod()
+    photos = random_photos(latent, cpu)
+    contexts = torch.randn(2, 77, cfg.context_dim, generator=torch.Generator().manual_seed(1))
+    ids = Tokenizer()(["photo of a sks dog", "photo of a dog"])
     in_backward, after, ref = (random_model(UNetModel, cfg).train() for _ in range(3))
     ref = reference_unet(ref)
-    stepper = train.StepInBackward(train.blocks({"unet": in_backward}),
-                                   lambda group: torch.optim.AdamW(group, lr=lr, fused=True))
-    after_opt = torch.optim.AdamW(after.parameters(), lr=lr, fused=True)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=lr, fused=True)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear")
 
-    def ours_in_backward():
-        loss, _, _ = train.dreambooth_loss(in_backward, latents, context, noise, t, alphas_cumprod, 1, 1.0)
-        loss.backward()  # the weights are updated during this call
-        stepper.check()
+    def ours(unet, optimizer):
+        step = train.TrainStep(unet, None, ids, contexts, photos, alphas_cumprod, 1.0, optimizer,
+                               torch.autocast("cpu", enabled=False))
+        generator = torch.Generator().manual_seed(0)
+        return lambda: step(generator)
 
-    def ours_after_backward():
-        loss, _, _ = train.dreambooth_loss(after, latents, context, noise, t, alphas_cumprod, 1, 1.0)
-        loss.backward()
-        after_opt.step()
-        after_opt.zero_grad(set_to_none=True)
+    ref_generator = torch.Generator().manual_seed(0)
 
     def diffusers_step():
-        pred = ref(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+        latents, t, noise = photos.draw(ref_generator)
+        pred = ref(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=contexts).sample
         pred, prior_pred = pred.chunk(2)
         target, prior_target = noise.chunk(2)
         loss = F.mse_loss(pred.float(), target.float()) + 1.0 * F.mse_loss(prior_pred.float(), prior_target.float())
@@ -127,7 +124,9 @@ def training_steps(cfg: UNetConfig, inputs, repeats: int):
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    s_in, s_after, s_ref = race(ours_in_backward, ours_after_backward, diffusers_step, repeats=repeats)
+    s_in, s_after, s_ref = race(ours(in_backward, train.AdamWInBackward(train.blocks({"unet": in_backward}), lr, cpu)),
+                                ours(after, train.AdamWAfterBackward(list(after.parameters()), lr, cpu)),
+                                diffusers_step, repeats=repeats)
     return [("training step, AdamW in backward", s_in, s_ref, "train.py's default"),
             ("training step, AdamW after backward", s_after, s_ref, "")]
 
@@ -183,7 +182,7 @@ def main(argv=None):
     inputs = unet_inputs(cfg, latent)
     rows = [("UNet forward+backward", *forward_backward(ours, reference_unet(ours), inputs, args.repeats))]
     del ours
-    rows += training_steps(cfg, inputs, args.repeats)
+    rows += training_steps(cfg, latent, args.repeats)
     rows.append(("sampling (tiny model)", *sampling(n_images, steps, args.repeats)))
 
     print(f"\n{'':36} {'ours':>9} {'diffusers':>10} {'ours/diffusers':>15}  check")

@@ -174,3 +174,14 @@ def reference_pipeline(sd):
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_photos(side: int, device, seed: int = 0):
+    """train.py's cache for 1 subject + 1 prior photo, with random numbers: the VAE posteriors (mean, logvar) of each
+    photo and its mirror image, [2, 2, 8, side, side], logvar around -8 (posterior sigmas ~0.02, like a real VAE's),
+    in the train.Photos that a step draws its batches from."""
+    import train
+
+    posteriors = torch.randn(2, 2, 8, side, side, generator=torch.Generator().manual_seed(seed))
+    posteriors[:, :, 4:] -= 8
+    return train.Photos(posteriors.to(device), None, None, n_instance=1, n_prior=1, batch_size=1)

@@ -325,5 +325,6 @@ def _assign(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     for key in tensors:
         if key not in expected:
             raise CheckpointError(f"{path}: unexpected key {file_key(key)}")
-    model.load_state_dict({k: t.to(device, dtype) for k, t in tensors.items()}, strict=True, assign=True)
+    # To the device first, then cast: on a GPU the cast runs there, and an fp16 file sends half the bytes.
+    model.load_state_dict({k: t.to(device).to(dtype) for k, t in tensors.items()}, strict=True, assign=True)
     return model.eval()
