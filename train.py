@@ -194,7 +194,8 @@ class Photos:
             latents = sample_latents(self.posteriors[idx, flip], generator)
         t = torch.randint(self.timesteps, (len(idx),), generator=generator, device=device)
         noise = torch.randn(latents.shape, generator=generator, device=device)
-        return latents.contiguous(memory_format=self.memory_format), t, noise.contiguous(memory_format=self.memory_format)
+        layout = self.memory_format
+        return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout)
 
 
 class AdamW:
@@ -367,8 +368,13 @@ class CUDAGraphStep:
             return losses
         if self.graph is None:  # record the step; nothing runs yet
             self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.losses = self.step.learn(*self.inputs)
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.losses = self.step.learn(*self.inputs)
+            except RuntimeError as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise SystemExit(f"train.py: error: recording the step as a CUDA graph failed ({why}); the last save "
+                                 "is kept: continue it with --resume DIR --no-cuda-graph") from e
         else:
             for static, value in zip(self.inputs, batch):
                 static.copy_(value)
@@ -391,7 +397,7 @@ def why_eager(args, device):
 
 # Activation memory that backward keeps for one 512 px image (64x64 latents) in the full-size UNet under bf16
 # autocast without gradient checkpointing, in GiB: the probe's 13.8 GiB peak at batch 1+1 on an H100, less 9.6 GiB of
-# fp32 weights and AdamW moments, halved (issue 10, ../shared/probes). Scaled by latent pixels and UNet width.
+# fp32 weights and AdamW moments, over 2 images (issue 10, ../shared/probes). Scaled by latent pixels and UNet width.
 ACTIVATIONS_GIB = 2.1
 
 
@@ -403,7 +409,7 @@ def choose_grad_checkpointing(args, unet, params, images_per_step, device):
     if args.grad_checkpointing is not None:
         return args.grad_checkpointing, f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'} (asked)"
     if device.type != "cuda":
-        return False, "gradient checkpointing off: memory is not the limit on the CPU (--grad-checkpointing turns it on)"
+        return False, "gradient checkpointing off: memory is not the limit on a CPU (--grad-checkpointing turns it on)"
     size = images_per_step * (args.resolution / 512) ** 2 * unet.config.model_channels / 320
     moments = sum(p.numel() for p in params) * 8 / 2**30  # AdamW's two fp32 moments, made at the first step
     need = ACTIVATIONS_GIB * size + moments
@@ -512,8 +518,8 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     sd.unet.to(memory_format=memory_format)
     params = [p for m in trained.values() for p in m.parameters()]
     images_per_step = args.batch_size * (2 if n_prior else 1)
-    args.grad_checkpointing, checkpointing = choose_grad_checkpointing(args, sd.unet, params, images_per_step, device)
-    sd.unet.set_grad_checkpointing(args.grad_checkpointing)
+    checkpointing, why = choose_grad_checkpointing(args, sd.unet, params, images_per_step, device)
+    sd.unet.set_grad_checkpointing(checkpointing)
     if args.no_step_in_backward or args.clip_grad or args.precision == "fp16":
         optimizer = AdamWAfterBackward(params, args.lr, device, args.clip_grad, fp16=args.precision == "fp16")
     else:
@@ -523,7 +529,7 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
                      sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args))
     eager = why_eager(args, device)
-    print(f"{checkpointing}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
+    print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
           f"optimizer stepped {'after' if isinstance(optimizer, AdamWAfterBackward) else 'inside'} backward")
     return (step if eager else CUDAGraphStep(step)), optimizer, trained
 
