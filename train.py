@@ -215,6 +215,11 @@ class AdamW:
     def set_lr(self, lr):
         self.lr.fill_(lr)
 
+    def reset(self):
+        """Forget a backward that did not finish."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
     def state_dict(self):
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
@@ -293,6 +298,10 @@ class AdamWInBackward(AdamW):
             self.optimizers[i].zero_grad(set_to_none=True)
             self.waiting[i] = self.sizes[i]
 
+    def reset(self):
+        super().reset()
+        self.waiting = list(self.sizes)
+
     def backward(self, loss):
         loss.backward()  # the weights are updated during this call
         if self.waiting != self.sizes:  # a parameter that got no gradient would hold its block back
@@ -354,9 +363,11 @@ class CUDAGraphStep:
     PyTorch's notes advise, so that lazy setup (AdamW's moments, cuBLAS workspaces) happens before recording."""
 
     def __init__(self, step: TrainStep, warmup: int = 3):
-        self.step, self.warmup, self.graph = step, warmup, None
+        self.step, self.warmup, self.graph, self.failed = step, warmup, None, False
 
     def __call__(self, generator):
+        if self.failed:
+            return self.step(generator)
         batch = self.step.photos.draw(generator)
         if self.graph is None and self.warmup:
             self.warmup -= 1
@@ -371,10 +382,13 @@ class CUDAGraphStep:
             try:
                 with torch.cuda.graph(self.graph):
                     self.losses = self.step.learn(*self.inputs)
-            except RuntimeError as e:
+            except RuntimeError as e:  # nothing ran while recording: the weights are as they were
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise SystemExit(f"train.py: error: recording the step as a CUDA graph failed ({why}); the last save "
-                                 "is kept: continue it with --resume DIR --no-cuda-graph") from e
+                print(f"\nstep: recording the CUDA graph failed ({why}); the run goes on eagerly (--no-cuda-graph "
+                      "skips the attempt)")
+                self.failed = True
+                self.step.optimizer.reset()
+                return self.step.learn(*batch)
         else:
             for static, value in zip(self.inputs, batch):
                 static.copy_(value)

@@ -261,6 +261,24 @@ def test_why_the_step_runs_eagerly(photos, tmp_path, capsys):
     assert "gradient checkpointing off: memory is not the limit on a CPU" in printed
 
 
+def test_a_failed_recording_goes_on_eagerly(photos, monkeypatch, capsys):
+    """If recording the CUDA graph fails (here on the CPU: torch.cuda.graph raises at once, as an operation that a
+    capture forbids would), the run goes on eagerly from the same step and trains exactly as an eager run."""
+    def refuse(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    sd_graph, step = make_step(photos, "--lr", "1e-3")
+    graphed = train.CUDAGraphStep(step, warmup=0)
+    sd_eager, eager = make_step(photos, "--lr", "1e-3")
+    g_graph, g_eager = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(3):
+        assert torch.equal(graphed(g_graph), eager(g_eager))
+    assert "recording the CUDA graph failed (operation not permitted" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(sd_graph.unet.parameters(), sd_eager.unet.parameters()))
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CUDA graph step")
 
 
