@@ -196,6 +196,39 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
+    """The SD v1 UNet: `time_embed`, then `input_blocks`, `middle_block`, `output_blocks` and `out`.
+
+    The blocks of sd-v1-4 at 512 x 512 px (64 x 64 latents), as UNetModel(UNetConfig()) builds them.
+    `attn` is a SpatialTransformer: its cross-attention (Q from the feature map's pixels, K and V from the
+    CLIP context) is how the text conditions the image (Rombach et al. 2022, "High-Resolution Image
+    Synthesis with Latent Diffusion Models", sec. 3.3). output_blocks.i first concatenates the activation
+    saved after input_blocks.(11 - i), hence its wider input.
+
+        block                  latent side  channels in -> out  layers
+        input_blocks.0         64           4 -> 320            conv
+        input_blocks.1, .2     64           320 -> 320          ResBlock + attn
+        input_blocks.3         64 -> 32     320                 Downsample
+        input_blocks.4         32           320 -> 640          ResBlock + attn
+        input_blocks.5         32           640 -> 640          ResBlock + attn
+        input_blocks.6         32 -> 16     640                 Downsample
+        input_blocks.7         16           640 -> 1280         ResBlock + attn
+        input_blocks.8         16           1280 -> 1280        ResBlock + attn
+        input_blocks.9         16 -> 8      1280                Downsample
+        input_blocks.10, .11   8            1280 -> 1280        ResBlock
+        middle_block           8            1280 -> 1280        ResBlock + attn + ResBlock
+        output_blocks.0, .1    8            2560 -> 1280        ResBlock
+        output_blocks.2        8 -> 16      2560 -> 1280        ResBlock + Upsample
+        output_blocks.3, .4    16           2560 -> 1280        ResBlock + attn
+        output_blocks.5        16 -> 32     1920 -> 1280        ResBlock + attn + Upsample
+        output_blocks.6        32           1920 -> 640         ResBlock + attn
+        output_blocks.7        32           1280 -> 640         ResBlock + attn
+        output_blocks.8        32 -> 64     960 -> 640          ResBlock + attn + Upsample
+        output_blocks.9        64           960 -> 320          ResBlock + attn
+        output_blocks.10, .11  64           640 -> 320          ResBlock + attn
+
+    Every attn has 8 heads (head size 40, 80, 160); `out` maps 320 channels to the 4 of the noise.
+    """
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg

@@ -33,12 +33,12 @@ class VAEConfig:
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
-        # same topology, few channels (GroupNorm(32) needs channels % 32 == 0)
+        """Same topology, few channels (GroupNorm(32) needs channels % 32 == 0): for tests and the toy model."""
         return cls(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)  # eps 1e-6 throughout the VAE (unet.py's ResBlocks: 1e-5)
 
 
 class ResnetBlock(nn.Module):
@@ -46,19 +46,16 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.norm1 = Normalize(in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = Normalize(out_ch)
+        self.norm2 = group_norm(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        if in_ch != out_ch:
-            self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+        self.nin_shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -66,7 +63,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm = Normalize(ch)
+        self.norm = group_norm(ch)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -80,6 +77,19 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(h)
+
+
+class Mid(nn.Module):
+    """The lowest resolution of encoder and decoder alike: ResnetBlock, self-attention, ResnetBlock."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch)
+        self.attn_1 = AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class Downsample(nn.Module):
@@ -102,16 +112,28 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(ch: int) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(ch, ch)
-    mid.attn_1 = AttnBlock(ch)
-    mid.block_2 = ResnetBlock(ch, ch)
-    return mid
+class Down(nn.Module):
+    """One encoder level `down.i`: ResnetBlocks `block.0`, `block.1`, ..., then a Downsample (none at the last)."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool):
+        super().__init__()
+        self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks)))
+        self.downsample = Downsample(out_ch) if downsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(self.block(x))
 
 
-def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return mid.block_2(mid.attn_1(mid.block_1(h)))
+class Up(nn.Module):
+    """One decoder level `up.i`: ResnetBlocks `block.0`, `block.1`, ..., then an Upsample (none at full resolution)."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool):
+        super().__init__()
+        self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks)))
+        self.upsample = Upsample(out_ch) if upsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.block(x))
 
 
 class Encoder(nn.Module):
@@ -119,70 +141,47 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
+        chs = [cfg.ch * mult for mult in cfg.ch_mult]  # channels per level
+        in_chs = [cfg.ch] + chs[:-1]  # level i takes level i - 1's channels; the first takes conv_in's
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        block_in = cfg.ch
-        for level, mult in enumerate(cfg.ch_mult):
-            down = nn.Module()  # holds `block` and `downsample`, as in the checkpoint
-            down.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, cfg.ch * mult))
-                block_in = cfg.ch * mult
-            if level != len(cfg.ch_mult) - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = _mid(block_in)
-        self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
+        self.down = nn.ModuleList(Down(in_chs[i], chs[i], cfg.num_res_blocks, downsample=i != len(chs) - 1)
+                                  for i in range(len(chs)))
+        self.mid = Mid(chs[-1])
+        self.norm_out = group_norm(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for down in self.down:
-            for block in down.block:
-                h = block(h)
-            if hasattr(down, "downsample"):
-                h = down.downsample(h)
-        h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = down(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
     """Latent -> image. `up` is stored lowest-resolution-last: up[0] is full resolution and
-    runs last, so the forward pass walks `up` in reverse."""
+    runs last, so it is built, and the forward pass walks it, in reverse."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        block_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in)
-        ups = []
-        for level in reversed(range(len(cfg.ch_mult))):
-            up = nn.Module()  # holds `block` and `upsample`, as in the checkpoint
-            up.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, cfg.ch * cfg.ch_mult[level]))
-                block_in = cfg.ch * cfg.ch_mult[level]
-            if level != 0:
-                up.upsample = Upsample(block_in)
-            ups.insert(0, up)
-        self.up = nn.ModuleList(ups)
-        self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
+        chs = [cfg.ch * mult for mult in cfg.ch_mult]  # channels per level
+        in_chs = chs[1:] + chs[-1:]  # level i takes level i + 1's channels; the deepest takes the mid's
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
+        self.mid = Mid(chs[-1])
+        ups = [Up(in_chs[i], chs[i], cfg.num_res_blocks + 1, upsample=i != 0) for i in reversed(range(len(chs)))]
+        self.up = nn.ModuleList(reversed(ups))
+        self.norm_out = group_norm(chs[0])
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_mid(self.mid, self.conv_in(z))
+        h = self.mid(self.conv_in(z))
         for up in reversed(self.up):
-            for block in up.block:
-                h = block(h)
-            if hasattr(up, "upsample"):
-                h = up.upsample(h)
+            h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg: VAEConfig | None = None):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
-        cfg = cfg or VAEConfig()
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
