@@ -17,31 +17,33 @@ refused rather than mixed.
 There is no safety checker: a checker blacks out the images it flags, and black images in the prior would
 silently teach the model that black squares are dogs.
 """
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from tqdm import tqdm
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
 
-import dreambooth
-from dreambooth.checkpoint import default_checkpoint
-from dreambooth.generate import check_flags, generate
-from dreambooth.images import a1111_parameters, save_png
+import cli  # noqa: E402
+import dreambooth  # noqa: E402
+from dreambooth.files import write_atomic  # noqa: E402
+from dreambooth.generate import generate  # noqa: E402
+from dreambooth.images import a1111_parameters, save_png  # noqa: E402
 
 ETA = 0.0  # deterministic DDIM, as in the regularisation sets of the original DreamBooth runs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="make_prior.py",
-                                description="Generate class images for DreamBooth's prior preservation.")
+    p = cli.parser("make_prior.py", "Generate class images for DreamBooth's prior preservation.", [
+        "python make_prior.py --class dog                     # 200 images of \"photo of a dog\" in prior/dog/",
+        "python make_prior.py --class dog --num 20 --ckpt tiny",
+        'python make_prior.py --prompt "a photo of a corgi" --outdir prior/corgi --batch-size 8'],
+        usage="make_prior.py --class NAME [options]  |  make_prior.py --prompt TEXT --outdir DIR [options]")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='the class of the subject, e.g. "dog"')
     p.add_argument("--prompt", help='default "photo of a {class}"')
-    p.add_argument("--num", type=int, default=200, help="how many images the folder should hold (default 200)")
+    p.add_argument("--num", type=int, default=200, help="how many images the folder should hold")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4,
-                   help="images made at once (default 4; 8 fits a 16 GB GPU at 512 px)")
-    p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale (default 10)")
+                   help="images made at once (8 fits a 16 GB GPU at 512 px)")
+    p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--outdir", help="default prior/<class>")
     p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; tiny: 64)")
     p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
                    help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
-    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; default cuda if available")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto: cuda if available")
     args = p.parse_args(argv)
 
     if not args.class_name and not args.prompt:
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     for flag in ("num", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    check_flags(p, args)
+    cli.check_sampling_flags(p, args)
     return args
 
 
@@ -77,7 +79,7 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
     lines = text.splitlines()
     if text and not text.endswith("\n"):  # the run stopped while appending this line
         lines.pop()
-        _write_atomic(manifest, "".join(line + "\n" for line in lines))
+        write_atomic(manifest, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
     done = set()
     for n, line in enumerate(lines, start=1):
         try:
@@ -95,16 +97,31 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
     return done
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_batches(sd, args, todo, names, done, settings, remaining, height, width):
+    """Generate the batches still to do; each image is finished once its manifest line is on the disk."""
+    outdir = args.outdir
+    with open(outdir / "manifest.jsonl", "a") as manifest, \
+            cli.progress(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
+        for batch in todo:
+            images = generate(sd, [args.prompt] * len(batch), [args.seed + i for i in batch], steps=args.ddim_steps,
+                              scale=args.scale, eta=ETA, height=height, width=width, progress=False,
+                              precision=args.precision)
+            for i, image in zip(batch, images):
+                if names[i] in done:
+                    continue
+                parameters = a1111_parameters(args.prompt, "", args.ddim_steps, args.scale, args.seed + i,
+                                              width, height, cli.model_name(args.ckpt), ETA)
+                save_png(image, outdir / names[i], parameters)
+                record = {"file": names[i]} | settings | {"seed": args.seed + i}
+                manifest.write(json.dumps(record) + "\n")
+                manifest.flush()
+                os.fsync(manifest.fileno())
+                bar.update(1)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.ckpt is None:
-        args.ckpt = default_checkpoint("make_prior.py")
+    args.ckpt = args.ckpt or cli.default_checkpoint("make_prior.py")
     try:
         sd = dreambooth.load(args.ckpt, device=args.device)
     except ValueError as e:
@@ -124,23 +141,11 @@ def main(argv=None):
     remaining = sum(names[i] not in done for batch in todo for i in batch)
 
     # Generate batch by batch; an image counts as finished once its manifest line is written.
-    with open(outdir / "manifest.jsonl", "a") as manifest, \
-            tqdm(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
-        for batch in todo:
-            images = generate(sd, [args.prompt] * len(batch), [args.seed + i for i in batch], steps=args.ddim_steps,
-                              scale=args.scale, eta=ETA, height=height, width=width, progress=False,
-                              precision=args.precision)
-            for i, image in zip(batch, images):
-                if names[i] in done:
-                    continue
-                parameters = a1111_parameters(args.prompt, "", args.ddim_steps, args.scale, args.seed + i,
-                                              width, height, Path(sd.name).stem, ETA)
-                save_png(image, outdir / names[i], parameters)
-                record = {"file": names[i]} | settings | {"seed": args.seed + i}
-                manifest.write(json.dumps(record) + "\n")
-                manifest.flush()
-                os.fsync(manifest.fileno())
-                bar.update(1)
+    try:
+        write_batches(sd, args, todo, names, done, settings, remaining, height, width)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the images finished so far are in {outdir}/; the same command goes on from there")
+        raise SystemExit(130) from None
 
     class_flag = f"--class {args.class_name}" if args.class_name else f'--prior-prompt "{args.prompt}"'
     print(f"{args.num} class images of {args.prompt!r} in {outdir}/ (manifest.jsonl lists them); use them with: "
@@ -148,4 +153,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -10,36 +10,38 @@ A1111's "PNG Info" tab can read it. Image k of a run is made from seed --seed + 
 images, and `--seed <its seed> --n_samples 1` makes one of them again (equal up to the last bits of the floating-
 point arithmetic, which can depend on the batch size).
 """
-import argparse
-import sys
+import os
 from pathlib import Path
 
-from tqdm import tqdm
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
 
-import dreambooth
-from dreambooth.checkpoint import default_checkpoint
-from dreambooth.generate import check_flags, generate
-from dreambooth.images import a1111_parameters, image_grid, next_index, save_png
+import cli  # noqa: E402
+import dreambooth  # noqa: E402
+from dreambooth.generate import generate  # noqa: E402
+from dreambooth.images import a1111_parameters, image_grid, next_index, save_png  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py",
-                                description="Text to image with a Stable Diffusion v1 checkpoint (DDIM sampler).")
-    p.add_argument("--prompt", help="the text to draw")
-    p.add_argument("--from-file", "--from_file", dest="from_file", metavar="FILE",
-                   help="a text file with one prompt a line, instead of --prompt")
+    p = cli.parser("sample.py", "Text to image with a Stable Diffusion v1 checkpoint (DDIM sampler).", [
+        'python sample.py --prompt "photo of a dog"                          # weights/sd-v1-4.ckpt, else tiny',
+        'python sample.py --ckpt runs/dog-20261126/model.safetensors --prompt "a sks dog in the snow"',
+        "python sample.py --ckpt tiny --from-file prompts.txt --n_samples 4 --n_iter 2 --seed 7"])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to draw")
+    what.add_argument("--from-file", "--from_file", dest="from_file", metavar="FILE",
+                      help="a text file with one prompt a line, instead of --prompt")
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
-                   help='what to steer away from (the "unconditional" prompt of guidance; default "")')
+                   help='what to steer away from (the "unconditional" prompt of guidance)')
     p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
                                   "else the built-in tiny model (also --ckpt tiny)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (the -full-ema files)")
-    p.add_argument("--outdir", default="outputs/samples", help="where the PNGs go (default %(default)s)")
+    p.add_argument("--outdir", default="outputs/samples", help="where the PNGs go")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddim_eta", "--ddim-eta", dest="ddim_eta", type=float, default=0.0,
                    help="0 = deterministic DDIM, 1 = as much fresh noise per step as DDPM")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--n_samples", "--n-samples", dest="n_samples", type=int, default=1,
-                   help="batch size: images made at once (default 1, light enough for a CPU; 3-4 on a GPU)")
+                   help="batch size: images made at once (1 is light enough for a CPU; 3-4 on a GPU)")
     p.add_argument("--n_iter", "--n-iter", dest="n_iter", type=int, default=1,
                    help="how many times to go through the prompts")
     p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; tiny: 64)")
@@ -49,11 +51,9 @@ def parse_args(argv=None):
                    help="do not write the grid of all the run's images")
     p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
                    help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
-    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; default cuda if available")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto: cuda if available")
     args = p.parse_args(argv)
 
-    if (args.prompt is None) == (args.from_file is None):
-        p.error("give either --prompt TEXT or --from-file FILE")
     if args.from_file:
         if not Path(args.from_file).is_file():
             p.error(f"--from-file {args.from_file}: no such file")
@@ -67,20 +67,19 @@ def parse_args(argv=None):
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.ddim_eta < 0:
         p.error(f"--ddim_eta {args.ddim_eta}: must be >= 0")
-    check_flags(p, args)
+    cli.check_sampling_flags(p, args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.ckpt is None:
-        args.ckpt = default_checkpoint("sample.py")
+    args.ckpt = args.ckpt or cli.default_checkpoint("sample.py")
     try:
         sd = dreambooth.load(args.ckpt, device=args.device, ema=args.ema)
     except ValueError as e:
         raise SystemExit(f"sample.py: error: {e}") from None
     height, width = args.H or sd.resolution, args.W or sd.resolution
-    model = Path(sd.name).stem
+    model = cli.model_name(args.ckpt)
 
     # The run: --n_iter passes over the prompts, in batches of --n_samples; image k gets seed + k.
     prompts = [prompt for _ in range(args.n_iter) for prompt in args.prompts]
@@ -89,11 +88,12 @@ def main(argv=None):
     outdir.mkdir(parents=True, exist_ok=True)
     first = next_index(outdir)
     images = []
-    with tqdm(total=len(prompts), desc="sampling", unit="image") as bar:
+    with cli.progress(total=len(prompts), desc="sampling", unit="image") as bar:
         for start in range(0, len(prompts), args.n_samples):
             batch, batch_seeds = prompts[start:start + args.n_samples], seeds[start:start + args.n_samples]
             batch_images = generate(sd, batch, batch_seeds, args.negative_prompt, args.ddim_steps, args.scale,
-                                    args.ddim_eta, height, width, precision=args.precision)
+                                    args.ddim_eta, height, width, progress=cli.interactive(),
+                                    precision=args.precision)
             for k, (prompt, seed, image) in enumerate(zip(batch, batch_seeds, batch_images), start=start):
                 parameters = a1111_parameters(prompt, args.negative_prompt, args.ddim_steps, args.scale, seed,
                                               width, height, model, args.ddim_eta)
@@ -102,7 +102,7 @@ def main(argv=None):
             bar.update(len(batch))
 
     where = f"{outdir}/{first:05d}.png" + (f" .. {first + len(images) - 1:05d}.png" if len(images) > 1 else "")
-    if not args.skip_grid:
+    if not args.skip_grid and len(images) > 1:
         grid = outdir / f"grid-{next_index(outdir, prefix='grid-'):04d}.png"
         first_parameters = a1111_parameters(prompts[0], args.negative_prompt, args.ddim_steps, args.scale,
                                             seeds[0], width, height, model, args.ddim_eta)
@@ -112,4 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -19,26 +19,30 @@ training step (the loss, what a step draws, the optimizer, the step as a call, a
 replays it on a GPU); previews and saving; setup; then main() and the loop.
 """
 import argparse
-import functools
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
 
-import dreambooth
-from dreambooth.checkpoint import default_checkpoint
-from dreambooth.ddim import add_noise
-from dreambooth.generate import generate
-from dreambooth.images import a1111_parameters, image_grid, list_images, load_image, save_png
-from dreambooth.vae import LATENT_SCALE
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+
+import cli  # noqa: E402
+import dreambooth  # noqa: E402
+from dreambooth import speed  # noqa: E402
+from dreambooth.ddim import add_noise  # noqa: E402
+from dreambooth.files import write_atomic  # noqa: E402
+from dreambooth.generate import generate  # noqa: E402
+from dreambooth.images import a1111_parameters, image_grid, list_images, load_image, save_png  # noqa: E402
+from dreambooth.vae import LATENT_SCALE  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings. Defaults follow the seed (the original DreamBooth fine-tuning of sd-v1-4): lr 1e-6, 800 steps, batch 1 + 1.
@@ -47,15 +51,20 @@ from dreambooth.vae import LATENT_SCALE
 def parse_args(argv=None):
     """Returns (args, train_state or None). With --resume DIR, the run's saved settings become the defaults, so
     `--resume DIR` alone continues it; flags given again (e.g. a larger --steps) override them."""
-    p = argparse.ArgumentParser(description="DreamBooth fine-tuning of Stable Diffusion v1.")
-    p.add_argument("--instance", metavar="DIR", help="photos of the subject (3-5 are enough)")
+    p = cli.parser("train.py", "DreamBooth fine-tuning of Stable Diffusion v1.", [
+        "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else tiny",
+        "python train.py --instance examples/dog --prior prior/dog --class dog --ckpt tiny --steps 200 --out runs/demo",
+        "python train.py --resume runs/demo --steps 400                      # continue a run, to step 400"],
+        usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
+    p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
     p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
     p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
     p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
     p.add_argument("--prior-prompt", help="default: the prompt in the prior folder's manifest.jsonl, "
                                           'else "photo of a {class}"')
-    p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.*, else the built-in tiny model")
+    p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors, or tiny (the built-in random model); "
+                                  "default weights/sd-v1-4.ckpt or .safetensors, else tiny")
     p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
     p.add_argument("--resolution", type=int, help="image size, a multiple of 8; default the model's (512, tiny 64)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps in total")
@@ -66,14 +75,14 @@ def parse_args(argv=None):
     p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of eq. 2: weight of the prior loss")
     p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the CLIP text encoder too")
     p.add_argument("--seed", type=int, default=42, help="seed of all randomness: data order, flips, noise, t")
-    p.add_argument("--device", help="default cuda if available, else cpu")
+    p.add_argument("--device", help="cuda, cpu, cuda:1, ...; default cuda if available, else cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
                                                                          "Default bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute UNet activations in backward: less memory, slower steps; default on only where "
                         "the GPU could not hold the run without it")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, record the whole step once as a CUDA graph and replay it (default on)")
+                   help="on CUDA, record the whole step once as a CUDA graph and replay it")
     p.add_argument("--no-cache", action="store_true", help="encode the images with the VAE every step")
     p.add_argument("--no-step-in-backward", action="store_true",
                    help="plain optimizer loop instead of stepping each weight as soon as its gradient is ready")
@@ -83,8 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the preview grids")
     p.add_argument("--save-every", type=int, default=400, help="save every N steps (and at the end); 0 = at the end")
     p.add_argument("--log-every", type=int, default=10, help="log the losses every N steps")
-    args = p.parse_args(argv)
-    state = None
+    args, state = p.parse_args(argv), None
     if args.resume:
         path = Path(args.resume) / "train_state.pt"
         if not path.is_file():
@@ -93,6 +101,11 @@ def parse_args(argv=None):
         p.set_defaults(**state["args"])
         args = p.parse_args(argv)
         args.out = args.resume
+    check_args(p, args)
+    return args, state
+
+
+def check_args(p, args):
     if not args.instance:
         p.error("--instance DIR is required")
     if not args.class_name and not (args.instance_prompt and args.prior_prompt):
@@ -103,20 +116,15 @@ def parse_args(argv=None):
     for flag in ("lr", "warmup_steps", "clip_grad", "prior_weight", "sample_every", "save_every"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must not be negative")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here")
-    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
-        p.error(f"--ckpt {args.ckpt}: no such file")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         p.error(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8)")
-    return args, state
+    cli.check_model_flags(p, args)
 
 
 def resolve_defaults(args):
     """Fill in the defaults that depend on the machine, the files or the time, so train_state.pt records them."""
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.ckpt = args.ckpt or default_checkpoint("train.py")
+    args.ckpt = args.ckpt or cli.default_checkpoint("train.py")
     args.instance_prompt = args.instance_prompt or f"photo of a {args.token} {args.class_name}"
     if not args.prior_prompt:
         manifest = Path(args.prior or "", "manifest.jsonl")
@@ -198,116 +206,6 @@ class Photos:
         return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout)
 
 
-class AdamW:
-    """What the loop needs of its optimizer, whichever way it steps: backward(loss) computes the gradients and
-    updates the weights; set_lr; a state for --resume.
-
-    torch's AdamW with weight decay 0.01 (its default, as in the seed), fused: one kernel per update, on CUDA and
-    on the CPU. Its learning rate is one tensor that every param group shares, so that set_lr is one write on the
-    device and a CUDA graph's recorded update reads the new value; on CUDA it also keeps its step count on the
-    device (capturable), so nothing in an update reads a value on the host."""
-
-    def __init__(self, groups, lr, device):
-        self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
-        self.optimizers = [torch.optim.AdamW(group, lr=self.lr, fused=True, capturable=device.type == "cuda")
-                           for group in groups]
-
-    def set_lr(self, lr):
-        self.lr.fill_(lr)
-
-    def reset(self):
-        """Forget a backward that did not finish."""
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self):
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state):
-        if len(state["optimizers"]) != len(self.optimizers):  # one AdamW per block, or one for all
-            raise ValueError("keep its --precision, --clip-grad and --no-step-in-backward, which decide whether "
-                             "the optimizer steps inside backward")
-        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr  # loading replaced it with the saved value
-            for param, moments in optimizer.state.items():  # in the weight's memory layout, which fused AdamW needs
-                for key, value in moments.items():  # (a run saved on the CPU, NCHW, resumed on CUDA, channels_last)
-                    if value.shape == param.shape:
-                        moments[key] = torch.empty_like(param).copy_(value)
-
-
-class AdamWAfterBackward(AdamW):
-    """The plain way: backward fills every gradient, then one AdamW updates all the weights. Clipping the gradient
-    norm needs this way (it needs the whole gradient first), and so does fp16's loss scaling (it may skip a step)."""
-
-    def __init__(self, params, lr, device, clip_grad=0.0, fp16=False):
-        super().__init__([params], lr, device)
-        self.params, self.clip_grad = params, clip_grad
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-
-    def backward(self, loss):
-        optimizer = self.optimizers[0]
-        self.scaler.scale(loss).backward()
-        if self.clip_grad:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self):
-        return super().state_dict() | {"scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.scaler.load_state_dict(state["scaler"])
-
-
-def blocks(modules):
-    """The trained parameters grouped by block, the unit the optimizer steps inside backward: input_blocks.3,
-    middle_block.1, output_blocks.11, time_embed.0 of the UNet; embeddings, encoder.layers.5 of CLIP."""
-    groups = {}
-    for module_name, module in modules.items():
-        for name, param in module.named_parameters():
-            parts = name.split(".")
-            depth = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), 1)  # up to the first index
-            groups.setdefault((module_name, *parts[:depth]), []).append(param)
-    return list(groups.values())
-
-
-class AdamWInBackward(AdamW):
-    """AdamW stepped inside backward: each block has its own AdamW, and a hook on each parameter counts the
-    gradients backward has finished (PyTorch calls it once the gradient is accumulated). When the last one of
-    a block is in, that block's AdamW steps and frees its gradients. So only a few blocks' gradients exist at
-    any time instead of a full copy of the weights (3.4 GB for the SD UNet in fp32), and the weights come out
-    the same as stepping after backward, because AdamW updates each parameter from its own gradient alone."""
-
-    def __init__(self, groups, lr, device):
-        super().__init__(groups, lr, device)
-        self.sizes = [len(group) for group in groups]
-        self.waiting = list(self.sizes)
-        for i, group in enumerate(groups):
-            for param in group:
-                param.register_post_accumulate_grad_hook(functools.partial(self.gradient_ready, i))
-
-    def gradient_ready(self, i, param):
-        self.waiting[i] -= 1
-        if self.waiting[i] == 0:
-            self.optimizers[i].step()
-            self.optimizers[i].zero_grad(set_to_none=True)
-            self.waiting[i] = self.sizes[i]
-
-    def reset(self):
-        super().reset()
-        self.waiting = list(self.sizes)
-
-    def backward(self, loss):
-        loss.backward()  # the weights are updated during this call
-        if self.waiting != self.sizes:  # a parameter that got no gradient would hold its block back
-            raise RuntimeError("some trained parameters got no gradient; train with --no-step-in-backward")
-
-
 def autocast(args):
     """The --precision of the networks: bf16/fp16 autocast keeps the fp32 weights and casts them where it pays.
     Without its cache of those casts: a CUDA graph cannot keep it, and each weight is used once per forward anyway."""
@@ -320,7 +218,10 @@ def autocast(args):
 class TrainStep:
     """One DreamBooth step as a call: step(generator) draws a batch from the run's generator, computes eq. 2, runs
     backward and updates the weights, and returns the losses [3] (eq. 2, instance, prior) on the device, unread.
-    Its two halves are methods: photos.draw() is the random part, learn() the rest, which a CUDA graph replays."""
+
+    Its two halves are methods: photos.draw() is the random part, learn() the rest. With cuda_graph, learn() is
+    recorded once as a CUDA graph after 3 eager steps and replayed from then on (speed.CUDAGraph says why); the
+    draws stay outside the graph, so a replayed run trains on exactly what an eager run draws."""
     unet: torch.nn.Module
     text_encoder: torch.nn.Module | None  # trained with the UNet; None: frozen, and `contexts` holds its output
     ids: torch.Tensor                     # [2, 77] token ids: the instance prompt, the prior prompt
@@ -328,12 +229,14 @@ class TrainStep:
     photos: Photos
     alphas_cumprod: torch.Tensor
     prior_weight: float                   # lambda of eq. 2
-    optimizer: AdamW
+    optimizer: speed.AdamW
     autocast: torch.autocast
+    cuda_graph: bool = False
 
     def __post_init__(self):
         rows = [0] * self.photos.batch_size + [1] * (self.photos.batch_size if self.photos.n_prior else 0)
         self.which_prompt = torch.tensor(rows, device=self.ids.device)  # a tensor, so a CUDA graph can read it
+        self.compute = speed.CUDAGraph(self.learn, 3, self.recording_failed) if self.cuda_graph else self.learn
 
     def learn(self, latents, t, noise):
         """Eq. 2 on the drawn batch, backward, and the weight update."""
@@ -345,55 +248,11 @@ class TrainStep:
         return torch.stack(losses).detach()
 
     def __call__(self, generator):
-        return self.learn(*self.photos.draw(generator))
+        return self.compute(*self.photos.draw(generator))
 
-
-class CUDAGraphStep:
-    """A TrainStep replayed from one CUDA graph (https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs).
-
-    Why: a step of the SD UNet on a batch of two latents launches about 5,000 small kernels, and the GPU runs each
-    faster than Python and PyTorch can launch the next, so it waits half the time (the step is launch-bound: a
-    batch of 8 costs about what a batch of 2 costs). A CUDA graph records every kernel of one step once, with its
-    arguments and memory addresses, and replay() launches them all with one call.
-
-    What it asks: a replay reads and writes the same memory as the recording, so the step's inputs live in static
-    tensors that each call refills, and nothing inside may read a value on the host (hence the optimizer's tensor
-    learning rate and on-device step count). The random draws stay outside the graph, from the run's generator,
-    so a replayed run draws exactly what an eager run draws. The first calls run eagerly on a side stream, as
-    PyTorch's notes advise, so that lazy setup (AdamW's moments, cuBLAS workspaces) happens before recording."""
-
-    def __init__(self, step: TrainStep, warmup: int = 3):
-        self.step, self.warmup, self.graph, self.failed = step, warmup, None, False
-
-    def __call__(self, generator):
-        if self.failed:
-            return self.step(generator)
-        batch = self.step.photos.draw(generator)
-        if self.graph is None and self.warmup:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                losses = self.step.learn(*batch)
-            torch.cuda.current_stream().wait_stream(side)
-            return losses
-        if self.graph is None:  # record the step; nothing runs yet
-            self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(self.graph):
-                    self.losses = self.step.learn(*self.inputs)
-            except RuntimeError as e:  # nothing ran while recording: the weights are as they were
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                print(f"\nstep: recording the CUDA graph failed ({why}); the run goes on eagerly (--no-cuda-graph "
-                      "skips the attempt)")
-                self.failed = True
-                self.step.optimizer.reset()
-                return self.step.learn(*batch)
-        else:
-            for static, value in zip(self.inputs, batch):
-                static.copy_(value)
-        self.graph.replay()
-        return self.losses.clone()
+    def recording_failed(self, why):
+        print(f"\nstep: recording the CUDA graph failed ({why}); the run goes on eagerly (--no-cuda-graph skips it)")
+        self.optimizer.reset()  # the recorded backward did not run
 
 
 def why_eager(args, device):
@@ -473,12 +332,11 @@ def set_rng_state(state, generator):
     generator.set_state(state["data"])
 
 
-def save_checkpoint(out, sd, trained, optimizer, step, args, generator):
+def save_checkpoint(out, sd, trained, optimizer, step, args, generator, log):
     dreambooth.save(sd, out / "model.safetensors")  # fp16, original CompVis key layout; atomic
     state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
-             **optimizer.state_dict(), "rng": rng_state(generator)}
-    torch.save(state, out / "train_state.pt.tmp")
-    os.replace(out / "train_state.pt.tmp", out / "train_state.pt")
+             **optimizer.state_dict(), "rng": rng_state(generator), "log": log.state()}
+    write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -535,17 +393,17 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     checkpointing, why = choose_grad_checkpointing(args, sd.unet, params, images_per_step, device)
     sd.unet.set_grad_checkpointing(checkpointing)
     if args.no_step_in_backward or args.clip_grad or args.precision == "fp16":
-        optimizer = AdamWAfterBackward(params, args.lr, device, args.clip_grad, fp16=args.precision == "fp16")
+        optimizer = speed.AdamWAfterBackward(params, args.lr, device, args.clip_grad, fp16=args.precision == "fp16")
     else:
-        optimizer = AdamWInBackward(blocks(trained), args.lr, device)
+        optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device)
     photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, n_prior, args.batch_size,
                     len(sd.alphas_cumprod), memory_format)
-    step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
-                     sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args))
     eager = why_eager(args, device)
+    step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
+                     sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), cuda_graph=not eager)
     print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
-          f"optimizer stepped {'after' if isinstance(optimizer, AdamWAfterBackward) else 'inside'} backward")
-    return (step if eager else CUDAGraphStep(step)), optimizer, trained
+          f"optimizer stepped {'after' if isinstance(optimizer, speed.AdamWAfterBackward) else 'inside'} backward")
+    return step, optimizer, trained
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -570,10 +428,10 @@ def main(argv=None):
         try:
             optimizer.load_state_dict(state)
         except ValueError as e:
-            raise SystemExit(f"train.py: error: --resume {args.resume}: {e}") from None
+            raise SystemExit(f"train.py: error: --resume {args.resume}: {e}; keep the run's --precision, --clip-grad "
+                             "and --no-step-in-backward, which decide whether the optimizer steps inside backward")
         set_rng_state(state["rng"], generator)
         start = state["step"]
-        del state
     if start >= args.steps:
         print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
         return
@@ -581,7 +439,9 @@ def main(argv=None):
     print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
           f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {n_prior} prior images at "
           f"{args.resolution} px; run folder {out}")
-    train(args, sd, step, optimizer, trained, generator, start, out)
+    log = Log(out, start, args, state.get("log") if state else None)
+    del state
+    train(args, sd, step, optimizer, trained, generator, log)
 
 
 def lr_at(step, args):
@@ -590,33 +450,56 @@ def lr_at(step, args):
 
 
 class Log:
-    """log.jsonl, and the losses of the steps since the last write, kept on the device until then: a non-finite
-    loss stops the run before anything is saved. Also the training time and the steps' peak GPU memory."""
+    """log.jsonl: a row every --log-every steps (and at the last step) with the mean losses since the last row, the
+    learning rate and the run's training time so far. The losses stay on the device until a row or a save needs
+    them, so no step waits for the GPU; a non-finite loss stops the run before anything is saved. After --resume
+    the file reads as one run: rows past the saved step (written before a crash) are dropped, and the losses since
+    the last row and the time come back from the train state. Also the steps' peak GPU memory."""
 
-    def __init__(self, out, start, args):
-        self.file, self.args, self.out = open(out / "log.jsonl", "a"), args, out
-        self.pending, self.saved_step, self.t0, self.peak = [], start or None, time.time(), 0.0
-        self.cuda = torch.device(args.device).type == "cuda"
+    def __init__(self, out, start, args, saved=None):
+        self.path, self.args, self.start, self.saved_step = out / "log.jsonl", args, start, start or None
+        if start and self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start]
+            write_atomic(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in rows)))
+        self.file = open(self.path, "a")
+        self.pending, self.losses = [], list(saved["losses"]) if saved else []
+        self.time, self.t0 = (saved["time"] if saved else 0.0), time.time()
+        self.cuda, self.peak = torch.device(args.device).type == "cuda", 0.0
         self.reset_peak()
 
-    def flush(self, step):
-        """Check and write the losses since the last flush; returns their mean."""
-        values = torch.stack(self.pending).tolist()
+    def elapsed(self):
+        return self.time + time.time() - self.t0
+
+    def check(self, step):
+        """Read the losses of the steps since the last check; stop at a non-finite one."""
+        values = torch.stack(self.pending).tolist() if self.pending else []
         for k, (loss, *_) in enumerate(values):
             if not math.isfinite(loss):
-                raise self.diverged(f"loss is {loss} at step {step - len(values) + k + 1}")
-        loss, loss_instance, loss_prior = (sum(column) / len(values) for column in zip(*values))
+                raise self.stop(f"loss is {loss} at step {step - len(values) + k + 1}", diverged=True)
+        self.losses += values
+        self.pending.clear()
+
+    def write(self, step):
+        self.check(step)
+        loss, loss_instance, loss_prior = (sum(column) / len(self.losses) for column in zip(*self.losses))
         self.file.write(json.dumps({"step": step, "loss": loss, "loss_instance": loss_instance,
                                     "loss_prior": loss_prior, "lr": lr_at(step, self.args),
-                                    "time": round(time.time() - self.t0, 3)}) + "\n")
+                                    "time": round(self.elapsed(), 3)}) + "\n")
         self.file.flush()
-        self.pending.clear()
+        self.losses = []
+        if not cli.interactive():  # no progress bar in a log file: a plain line instead
+            rate = (step - self.start) / (time.time() - self.t0)
+            print(f"step {step}/{self.args.steps}: loss {loss:.4f}, {rate:.2f} steps/s", flush=True)
         return loss
 
-    def diverged(self, what):
-        last = f"the last good checkpoint (step {self.saved_step}) is in {self.out}" if self.saved_step else \
+    def state(self):
+        return {"losses": self.losses, "time": self.elapsed()}
+
+    def stop(self, what, diverged=False):
+        last = f"the last good save (step {self.saved_step}) is in {self.args.out}" if self.saved_step else \
             "nothing was saved"
-        return SystemExit(f"train.py: error: {what}; stopped, {last}. Try a lower --lr or --precision fp32")
+        hint = ". Try a lower --lr or --precision fp32" if diverged else ""
+        return SystemExit(f"train.py: error: {what}; stopped, {last}{hint}")
 
     def note_peak(self):
         if self.cuda:
@@ -636,14 +519,32 @@ class Log:
         self.file.close()
 
 
-def train(args, sd, step_fn, optimizer, trained, generator, start, out):
-    """The loop: one step, then logging, previews and saves when they are due. Losses stay on the device and are
-    read every --log-every steps, so no step waits for the GPU."""
+def save(out, sd, trained, optimizer, step, args, generator, log):
+    """save_checkpoint, with a full disk or any failed write said in one line: nothing is lost, the previous
+    save stays as it was."""
+    try:
+        save_checkpoint(out, sd, trained, optimizer, step, args, generator, log)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
+        trained_params = sum(p.numel() for m in trained.values() for p in m.parameters())
+        need, free = 2 * params + 12 * trained_params, shutil.disk_usage(out).free  # fp16 model; fp32 weights, moments
+        why = f"{size(free)} free in {out}, and a save needs about {size(need)}" if free < need else \
+            (str(e).splitlines() or [type(e).__name__])[0]
+        raise log.stop(f"saving step {step} failed: {why}") from None
+    log.saved_step = step
+
+
+def size(n_bytes):
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
+
+
+def train(args, sd, step_fn, optimizer, trained, generator, log):
+    """The loop: one step, then logging, previews and saves when they are due."""
+    out, start = Path(args.out), log.start
     subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
     sample_prompts = [args.instance_prompt, f"a {subject} in the snow", f"a {subject} on the beach",
                       f"a painting of a {subject}", args.prior_prompt]
     sample_seeds = [args.seed + k for k in range(len(sample_prompts))]
-    log = Log(out, start, args)
     stop = []  # Ctrl-C asks to stop; the loop finishes its step first, so the saved state is a whole step
 
     def on_ctrl_c(signum, frame):
@@ -651,7 +552,7 @@ def train(args, sd, step_fn, optimizer, trained, generator, start, out):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    bar = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True)
+    bar = cli.progress(total=args.steps, initial=start, unit="step")
     try:
         for step in range(start + 1, args.steps + 1):
             optimizer.set_lr(lr_at(step, args))
@@ -659,20 +560,20 @@ def train(args, sd, step_fn, optimizer, trained, generator, start, out):
             bar.update()
             sample_now = args.sample_every and (step % args.sample_every == 0 or step == args.steps)
             save_now = (args.save_every and step % args.save_every == 0) or step == args.steps or stop
-            if step % args.log_every == 0 or sample_now or save_now:
-                bar.set_postfix(loss=f"{log.flush(step):.4f}")
+            if step % args.log_every == 0 or step == args.steps:
+                bar.set_postfix(loss=f"{log.write(step):.4f}")
             if sample_now:
                 log.note_peak()  # the steps' peak memory, before the preview's
                 preview(sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png")
                 log.reset_peak()
             if save_now:
+                log.check(step)
                 if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):
-                    raise log.diverged(f"the weights are not finite after step {step}")
-                save_checkpoint(out, sd, trained, optimizer, step, args, generator)
-                log.saved_step = step
+                    raise log.stop(f"the weights are not finite after step {step}", diverged=True)
+                save(out, sd, trained, optimizer, step, args, generator, log)
             if stop:
                 print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
-                return
+                raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
@@ -684,4 +585,4 @@ def train(args, sd, step_fn, optimizer, trained, generator, start, out):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .clip import IGNORED_KEYS as CLIP_IGNORED_KEYS
 from .clip import CLIPConfig, CLIPTextModel
 from .ddim import sd_alphas_cumprod
+from .files import write_atomic
 from .stable_diffusion import StableDiffusion
 from .tokenizer import Tokenizer
 from .unet import UNetConfig, UNetModel
@@ -53,17 +54,8 @@ IGNORED = {
 LIGHTNING = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 
 
-# Where the programs look when --ckpt is not given, in this order (relative to the working folder).
+# Where the programs look when --ckpt is not given, in this order (relative to the working folder; cli.py).
 DEFAULT_FILES = ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors")
-
-
-def default_checkpoint(program: str) -> str:
-    """The first of DEFAULT_FILES that exists, else "tiny" with a one-line notice saying so."""
-    for f in DEFAULT_FILES:
-        if Path(f).is_file():
-            return f
-    print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in tiny (random) model")
-    return "tiny"
 
 
 class CheckpointError(ValueError):
@@ -101,10 +93,8 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
 
 
 def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16) -> None:
-    """Write `sd` as a .safetensors file in the original CompVis layout, atomically.
-
-    Weights are cast to `dtype`; the schedule buffers stay float32. The file is written next to
-    `path` under a temporary name and renamed over it, so `path` is never left half-written."""
+    """Write `sd` as a .safetensors file in the original CompVis layout, atomically (files.write_atomic).
+    Weights are cast to `dtype`; the schedule buffers stay float32."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save: {path} must end in .safetensors (the only format save writes)")
@@ -115,14 +105,7 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16) -> N
         for key, t in model.state_dict().items():
             tensors[prefix + key] = t.detach().to("cpu", dtype, copy=True).contiguous()
     tensors.update(schedule_buffers(sd.alphas_cumprod))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def schedule_buffers(alphas_cumprod: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ carrying AUTOMATIC1111's 'parameters' text chunk, so A1111's "PNG Info" tab (and
 Bad input raises ValueError with a message naming the file or folder.
 """
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -16,12 +15,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
+from .files import write_atomic
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def list_images(folder) -> list[Path]:
     """The image files directly inside `folder`, sorted by name."""
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"{folder}: is a file; give the folder of photos ({folder.parent})")
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder")
     files = sorted(p for p in folder.iterdir()
@@ -93,22 +96,11 @@ def a1111_parameters(prompt: str, negative_prompt: str, steps: int, scale: float
 
 
 def save_png(image: Image.Image, path, parameters: str | None = None) -> None:
-    """Write `image` to `path` as a PNG with an optional 'parameters' text chunk. Atomic: the file appears whole
-    or not at all (written to a temporary file in the same folder, then renamed over `path`)."""
-    path = Path(path)
+    """Write `image` to `path` as a PNG with an optional 'parameters' text chunk, atomically (files.write_atomic)."""
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def next_index(outdir, prefix: str = "") -> int:

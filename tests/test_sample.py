@@ -46,6 +46,19 @@ def test_writes_numbered_pngs_with_a1111_parameters_and_a_grid(first_run):
     assert not np.array_equal(pixels(first_run / "00000.png"), pixels(first_run / "00001.png"))
 
 
+def test_one_image_and_a_runs_model(tmp_path):
+    """One image writes no grid (it would be a copy of the image), and a run's model.safetensors is named in the
+    metadata by its run folder."""
+    import dreambooth
+
+    (tmp_path / "dog-run").mkdir()
+    dreambooth.save(dreambooth.load("tiny"), tmp_path / "dog-run" / "model.safetensors")
+    sample.main(["--ckpt", str(tmp_path / "dog-run" / "model.safetensors"), "--ddim_steps", "2", "--prompt", "a dog",
+                 "--outdir", str(tmp_path / "out")])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["00000.png"]
+    assert parameters(tmp_path / "out" / "00000.png").endswith("Model: dog-run")
+
+
 def test_rerun_gives_identical_pngs_under_new_numbers(first_run, tmp_path):
     outdir = shutil.copytree(first_run, tmp_path / "samples")
     before = {p.name: p.read_bytes() for p in outdir.iterdir()}
@@ -87,8 +100,8 @@ def test_prompts_from_file_with_iterations_and_eta(tmp_path):
     (["--prompt", "x", "--W", "0"], "--W 0: must be a positive multiple of 8"),
     (["--prompt", "x", "--ckpt", "no/such/file.ckpt"], "--ckpt no/such/file.ckpt: no such file"),
     (["--from-file", "no/such/prompts.txt"], "--from-file no/such/prompts.txt: no such file"),
-    ([], "give either --prompt TEXT or --from-file FILE"),
-    (["--prompt", "x", "--from-file", "p.txt"], "give either --prompt TEXT or --from-file FILE"),
+    ([], "one of the arguments --prompt --from-file/--from_file is required"),
+    (["--prompt", "x", "--from-file", "p.txt"], "argument --from-file/--from_file: not allowed with argument --prompt"),
     (["--prompt", "x", "--ddim_steps", "0"], "--ddim_steps 0: must be from 1 to 999"),
     (["--prompt", "x", "--ddim_steps", "1000"], "--ddim_steps 1000: must be from 1 to 999"),
     (["--prompt", "x", "--n_samples", "0"], "--n_samples 0: must be at least 1"),

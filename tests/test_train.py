@@ -2,6 +2,7 @@
 inside backward, Ctrl-C, a non-finite loss, and the messages for bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 import dreambooth
 import train
+from dreambooth import speed
 from dreambooth.images import load_image
 from dreambooth.vae import LATENT_SCALE
 
@@ -231,7 +234,7 @@ def test_ctrl_c_saves_the_step_and_exits(photos, tmp_path):
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 130, stderr[-3000:]  # interrupted, as shells expect for SIGINT
     saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
     assert 3 <= saved < 100000 and json.loads(log.read_text().splitlines()[-1])["step"] == saved
     assert f"saved step {saved}" in stdout and "--resume" in stdout
@@ -243,6 +246,48 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photos, tmp_path):
         run(photos, tmp_path / "run", "--steps", "10", "--save-every", "1", "--log-every", "1", "--lr", "1e8")
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert state["step"] == 1 and all(w.isfinite().all() for w in state["weights"]["unet"].values())
+
+
+def test_after_a_crash_the_resumed_log_reads_as_one_run(photos, tmp_path):
+    """Killed between saves, then resumed: one row per step, the rows written after the last save are not
+    repeated, and the time column is the run's training time, growing across the crash."""
+    out, log = tmp_path / "run", tmp_path / "run" / "log.jsonl"
+    command = [sys.executable, "train.py", "--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
+               "--class", "dog", "--ckpt", "tiny", "--steps", "100000", "--log-every", "1", "--save-every", "3",
+               "--sample-every", "0", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 8) and process.poll() is None:
+        assert time.monotonic() < deadline, "train.py logged no step in 300 s"
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    train.main(["--resume", str(out), "--steps", str(saved + 4)])
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, saved + 5))
+    assert [row["time"] for row in rows] == sorted(row["time"] for row in rows)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_save(photos, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(photos, out, "--steps", "2", "--save-every", "1")
+    before = (out / "model.safetensors").read_bytes()
+
+    def disk_full(tensors, path, metadata=None):  # what safetensors does when the disk fills up while it writes
+        Path(path).write_bytes(b"\0" * 1000)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space'
+                              ' left on device" })')
+
+    monkeypatch.setattr(dreambooth.checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**10, 10**10 - 10**6, 10**6))
+    with pytest.raises(SystemExit, match=r"saving step 3 failed: 1 MB free in .*run, and a save needs about \d+ MB; "
+                                         r"stopped, the last good save \(step 2\) is in .*run$"):
+        train.main(["--resume", str(out), "--steps", "3"])
+    assert (out / "model.safetensors").read_bytes() == before
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_why_the_step_runs_eagerly(photos, tmp_path, capsys):
@@ -269,8 +314,8 @@ def test_a_failed_recording_goes_on_eagerly(photos, monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", refuse)
-    sd_graph, step = make_step(photos, "--lr", "1e-3")
-    graphed = train.CUDAGraphStep(step, warmup=0)
+    sd_graph, graphed = make_step(photos, "--lr", "1e-3")
+    graphed.compute = speed.CUDAGraph(graphed.learn, 0, graphed.recording_failed)  # what --cuda-graph makes on CUDA
     sd_eager, eager = make_step(photos, "--lr", "1e-3")
     g_graph, g_eager = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -314,6 +359,8 @@ def test_cuda_graph_trains_as_eager(photos, tmp_path, checkpointing, capsys):
 def test_bad_inputs_are_named(photos, tmp_path, capsys):
     with pytest.raises(SystemExit, match="missing: no such folder"):
         run(photos, tmp_path / "a", instance="missing")
+    with pytest.raises(SystemExit, match=r"00\.png: is a file; give the folder of photos \(.*instance\)"):
+        run(photos, tmp_path / "a", instance="instance/00.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="empty: no images"):
         run(tmp_path, tmp_path / "b", instance="empty", prior=None)

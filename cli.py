@@ -1,0 +1,97 @@
+"""What the three programs share about the command line: the checks of their common flags, their notices, the
+layout of their --help, and how they exit. The package (dreambooth/) speaks in values and raises ValueError;
+this module turns those into flags and one-line messages for a person."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dreambooth.checkpoint import DEFAULT_FILES
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, where it has one, and keeps the line breaks of the examples."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if action.option_strings and shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser(prog, description, examples, usage=None):
+    """An ArgumentParser whose help ends with example command lines."""
+    return argparse.ArgumentParser(prog=prog, description=description, usage=usage, formatter_class=HelpFormatter,
+                                   epilog="examples:\n" + "\n".join(f"  {line}" for line in examples))
+
+
+def check_model_flags(p, args):
+    """--ckpt names a file (or tiny); --device is one this machine has ("auto": CUDA where there is one)."""
+    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
+        p.error(f"--ckpt {args.ckpt}: no such file")
+    if args.device in (None, "auto"):
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
+
+
+def check_sampling_flags(p, args):
+    """The flags sample.py and make_prior.py share: --H, --W, --ddim_steps, and the model's."""
+    for flag in ("H", "W"):
+        size = getattr(args, flag)
+        if size is not None and (size <= 0 or size % 8):
+            p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
+    if not 1 <= args.ddim_steps <= 999:
+        p.error(f"--ddim_steps {args.ddim_steps}: must be from 1 to 999 (the model was trained on 1000 timesteps)")
+    check_model_flags(p, args)
+
+
+def default_checkpoint(program):
+    """The first of dreambooth.checkpoint.DEFAULT_FILES that exists, else "tiny", saying so in one line."""
+    for f in DEFAULT_FILES:
+        if Path(f).is_file():
+            return f
+    print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in tiny (random) model")
+    return "tiny"
+
+
+def model_name(ckpt):
+    """What image metadata calls the model: the file's name without its suffix, or for a run's model.safetensors
+    the run folder's name (runs/dog-20261126/model.safetensors -> dog-20261126)."""
+    path = Path(ckpt)
+    return path.parent.name if path.name == "model.safetensors" and path.parent.name else path.stem
+
+
+def note_long_prompts(tokenizer, prompts):
+    """One line for each distinct prompt longer than CLIP reads, naming where the ignored text starts."""
+    distinct = list(dict.fromkeys(prompts))
+    for i, prompt in enumerate(distinct):
+        cut = tokenizer.cut(prompt)
+        if cut:
+            tokens, kept = cut
+            which = f"prompt {i + 1} of {len(distinct)}" if len(distinct) > 1 else "the prompt"
+            print(f"note: {which} is {tokens} tokens; CLIP reads {tokenizer.max_length - 2}, so the text after "
+                  f"'...{kept[-30:]}' is ignored")
+
+
+def progress(**kwargs):
+    """A tqdm bar on a terminal. Where the output goes to a file (nohup, CI logs) there is no bar: its carriage
+    returns and cursor moves would fill the file; the programs print plain lines instead."""
+    return tqdm(disable=not interactive(), dynamic_ncols=True, **kwargs)
+
+
+def interactive():
+    return sys.stderr.isatty()
+
+
+def run(main):
+    """Run a program's main(): exit 0 on success, 1 on an error (its SystemExit message), 2 on a usage error
+    (argparse's), 130 when interrupted by Ctrl-C, as shells expect for SIGINT."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,23 @@
+"""Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it where a whole one was."""
+import os
+from pathlib import Path
+
+
+def write_atomic(path, write) -> None:
+    """Make `path` by calling write(tmp) on a temporary file beside it, then flush that to the disk and rename it
+    over `path`: the file appears whole or not at all, and the one it replaces stays until then. On failure the
+    temporary file is removed and the error raised. The file gets the permissions that the user's umask gives any
+    new file (some writers, safetensors among them, make theirs private)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,164 @@
+"""What makes a training step fast in plain PyTorch, and small: AdamW stepped inside backward, so no full gradient
+buffer exists, and a whole step (or a sampler's UNet call) recorded once as a CUDA graph and replayed.
+
+train.py and generate() use these; each is short and says what problem it solves.
+"""
+import functools
+
+import torch
+
+
+class AdamW:
+    """What a training loop needs of its optimizer, whichever way it steps: backward(loss) computes the gradients
+    and updates the weights; set_lr; reset (forget a backward that did not finish); a state for resuming.
+
+    torch's AdamW with weight decay 0.01 (its default, as in the DreamBooth seed), fused: one kernel per update, on
+    CUDA and on the CPU. Its learning rate is one tensor that every param group shares, so that set_lr is one write
+    on the device and a CUDA graph's recorded update reads the new value; on CUDA it also keeps its step count on
+    the device (capturable), so nothing in an update reads a value on the host."""
+
+    def __init__(self, groups, lr, device):
+        self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
+        self.optimizers = [torch.optim.AdamW(group, lr=self.lr, fused=True, capturable=device.type == "cuda")
+                           for group in groups]
+
+    def set_lr(self, lr):
+        self.lr.fill_(lr)
+
+    def reset(self):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state["optimizers"]) != len(self.optimizers):  # one AdamW per block, or one for all
+            raise ValueError(f"it holds {len(state['optimizers'])} optimizer states, not {len(self.optimizers)}")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr  # loading replaced it with the saved value
+            for param, moments in optimizer.state.items():  # in the weight's memory layout, which fused AdamW needs
+                for key, value in moments.items():  # (saved on the CPU in NCHW, resumed on CUDA in channels_last)
+                    if value.shape == param.shape:
+                        moments[key] = torch.empty_like(param).copy_(value)
+
+
+class AdamWAfterBackward(AdamW):
+    """The plain way: backward fills every gradient, then one AdamW updates all the weights. Clipping the gradient
+    norm needs this way (it needs the whole gradient first), and so does fp16's loss scaling (it may skip a step)."""
+
+    def __init__(self, params, lr, device, clip_grad=0.0, fp16=False):
+        super().__init__([params], lr, device)
+        self.params, self.clip_grad = params, clip_grad
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    def backward(self, loss):
+        optimizer = self.optimizers[0]
+        self.scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return super().state_dict() | {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def blocks(modules):
+    """The trained parameters of {name: module} grouped by block, the unit AdamWInBackward steps: input_blocks.3,
+    middle_block.1, output_blocks.11, time_embed.0 of the UNet; embeddings, encoder.layers.5 of CLIP."""
+    groups = {}
+    for module_name, module in modules.items():
+        for name, param in module.named_parameters():
+            parts = name.split(".")
+            depth = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), 1)  # up to the first index
+            groups.setdefault((module_name, *parts[:depth]), []).append(param)
+    return list(groups.values())
+
+
+class AdamWInBackward(AdamW):
+    """AdamW stepped inside backward: each block has its own AdamW, and a hook on each parameter counts the
+    gradients backward has finished (PyTorch calls it once the gradient is accumulated). When the last one of
+    a block is in, that block's AdamW steps and frees its gradients. So only a few blocks' gradients exist at
+    any time instead of a full copy of the weights (3.4 GB for the SD UNet in fp32), and the weights come out
+    the same as stepping after backward, because AdamW updates each parameter from its own gradient alone."""
+
+    def __init__(self, groups, lr, device):
+        super().__init__(groups, lr, device)
+        self.sizes = [len(group) for group in groups]
+        self.waiting = list(self.sizes)
+        for i, group in enumerate(groups):
+            for param in group:
+                param.register_post_accumulate_grad_hook(functools.partial(self.gradient_ready, i))
+
+    def gradient_ready(self, i, param):
+        self.waiting[i] -= 1
+        if self.waiting[i] == 0:
+            self.optimizers[i].step()
+            self.optimizers[i].zero_grad(set_to_none=True)
+            self.waiting[i] = self.sizes[i]
+
+    def reset(self):
+        super().reset()
+        self.waiting = list(self.sizes)
+
+    def backward(self, loss):
+        loss.backward()  # the weights are updated during this call
+        if self.waiting != self.sizes:  # a parameter that got no gradient would hold its block back
+            raise RuntimeError("some trained parameters got no gradient; step the optimizer after backward instead")
+
+
+class CUDAGraph:
+    """fn(*inputs) -> tensor, recorded once as a CUDA graph and replayed at every later call
+    (https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs).
+
+    Why: a training step of the SD UNet on a batch of two latents launches about 5,000 small kernels, and the GPU
+    runs each faster than Python and PyTorch can launch the next, so it waits half the time (the step is
+    launch-bound: a batch of 8 costs about what a batch of 2 costs). A CUDA graph records every kernel of one call,
+    with its arguments and memory addresses, and replay() launches them all at once.
+
+    What it asks: a replay reads and writes the memory of the recording, so each call copies its inputs into the
+    recorded ones, and nothing inside fn may read a value on the host (hence AdamW's tensor learning rate and
+    on-device step count). Randomness stays outside, in the inputs. The first `warmup` calls run eagerly on a side
+    stream, as PyTorch's notes advise, so that lazy setup (AdamW's moments, cuDNN and cuBLAS workspaces) is done
+    before the recording. If the recording fails, nothing of it has run: on_failure(why) is told, and fn runs
+    eagerly from then on."""
+
+    def __init__(self, fn, warmup=1, on_failure=None):
+        self.fn, self.warmup, self.on_failure = fn, warmup, on_failure
+        self.graph, self.failed = None, False
+
+    def __call__(self, *inputs):
+        if self.failed:
+            return self.fn(*inputs)
+        if self.graph is None and self.warmup:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                output = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return output
+        if self.graph is None:
+            self.inputs, self.graph = inputs, torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.output = self.fn(*self.inputs)
+            except RuntimeError as e:
+                self.failed = True
+                if self.on_failure:
+                    self.on_failure(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                return self.fn(*inputs)
+        else:
+            for recorded, value in zip(self.inputs, inputs):
+                recorded.copy_(value)
+        self.graph.replay()
+        return self.output.clone()

@@ -1,0 +1,49 @@
+"""What the three programs share (cli.py): --help with every default and example commands, exit codes, the model
+name in image metadata."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("program, usage, defaults", [
+    ("train.py", "train.py --instance DIR --class NAME", ["--steps STEPS", "(default: 800)", "(default: 1e-06)",
+                                                           "(default: sks)", "(default: 42)", "(default: 200)"]),
+    ("sample.py", "(--prompt PROMPT | --from-file FILE)", ["(default: 50)", "(default: 7.5)", "(default: 42)",
+                                                           "(default: 0.0)", "(default: outputs/samples)"]),
+    ("make_prior.py", "make_prior.py --class NAME", ["(default: 200)", "(default: 10.0)", "(default: 4)"]),
+])
+def test_help_shows_defaults_and_ends_with_examples(program, usage, defaults):
+    result = subprocess.run([sys.executable, program, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines at the terminal's width
+    assert usage in text
+    for default in defaults:
+        assert default in text
+    assert "(default: None)" not in text
+    examples = result.stdout.split("examples:\n")[1].splitlines()
+    assert len(examples) >= 2 and all(line.strip().startswith(f"python {program}") for line in examples)
+
+
+def test_exit_codes():
+    def interrupted():
+        raise KeyboardInterrupt
+
+    codes = []
+    for main in (lambda: None, interrupted, lambda: sys.exit("x.py: error: bad")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(main)
+        codes.append(e.value.code)
+    assert codes == [None, 130, "x.py: error: bad"]  # None: status 0; a message: status 1
+
+
+def test_model_name_is_the_run_folder_for_a_runs_model():
+    assert cli.model_name("runs/dog-20261126/model.safetensors") == "dog-20261126"
+    assert cli.model_name("weights/sd-v1-4.ckpt") == "sd-v1-4"
+    assert cli.model_name("model.safetensors") == "model"
+    assert cli.model_name("tiny") == "tiny"
