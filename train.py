@@ -41,7 +41,7 @@ from dreambooth import speed  # noqa: E402
 from dreambooth.ddim import add_noise  # noqa: E402
 from dreambooth.files import write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
-from dreambooth.images import a1111_parameters, image_grid, list_images, load_image, save_png  # noqa: E402
+from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
 from dreambooth.vae import LATENT_SCALE  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -358,9 +358,11 @@ def load_model_and_photos(args, device):
                              f"--outdir {args.prior}")
         sd = dreambooth.load(args.ckpt, device=device, dtype=torch.float32, ema=args.ema)  # fp32 master weights
         args.resolution = args.resolution or sd.resolution
-        images = torch.stack([load_image(p, args.resolution) for p in instance_paths + prior_paths])
+        images, notes = load_images(instance_paths + prior_paths, args.resolution)
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}") from None
+    for note in notes:
+        print(f"note: {note}")
     return sd, images, len(instance_paths), len(prior_paths)
 
 

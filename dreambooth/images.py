@@ -8,7 +8,6 @@ Bad input raises ValueError with a message naming the file or folder.
 """
 import math
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,22 @@ def list_images(folder) -> list[Path]:
 def load_image(path, resolution: int) -> torch.Tensor:
     """A photo as a FloatTensor [3, resolution, resolution] in [-1, 1]: turned upright by its EXIF tag, made RGB
     (transparent parts become white), its shorter side resized to `resolution` and the centre cropped."""
+    return _square(_open(path), resolution)
+
+
+def load_images(paths, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """load_image of each path, stacked [N, 3, R, R], and a note naming each photo smaller than `resolution`
+    (it is upscaled, so it comes out blurry)."""
+    images, notes = [], []
+    for path in paths:
+        img = _open(path)
+        if min(img.size) < resolution:
+            notes.append(f"{path}: {img.width}x{img.height} is smaller than {resolution} px and will be upscaled")
+        images.append(_square(img, resolution))
+    return torch.stack(images), notes
+
+
+def _open(path) -> Image.Image:
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -44,11 +59,11 @@ def load_image(path, resolution: int) -> torch.Tensor:
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
-    if min(img.size) < resolution:
-        warnings.warn(f"{path}: {img.width}x{img.height} is smaller than {resolution} px and will be upscaled",
-                      stacklevel=2)
-    img = _to_rgb(img)
-    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)  # centre crop + resize
+    return img
+
+
+def _square(img: Image.Image, resolution: int) -> torch.Tensor:
+    img = ImageOps.fit(_to_rgb(img), (resolution, resolution), method=Image.Resampling.LANCZOS)  # centre crop, resize
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (3, R, R) in [0, 255]
     return pixels / 127.5 - 1
 

@@ -1,11 +1,14 @@
 """Reading photos (EXIF, colour modes, crop, errors) and writing PNGs with A1111 metadata."""
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dreambooth.images import (a1111_parameters, image_grid, list_images, load_image, next_index, save_png,
-                               to_pil)
+from dreambooth.images import (a1111_parameters, image_grid, list_images, load_image, load_images, next_index,
+                               save_png, to_pil)
 
 
 def test_list_images_sorted_and_filtered(tmp_path):
@@ -58,10 +61,13 @@ def test_transparent_pixels_become_white(tmp_path):
     torch.testing.assert_close(load_image(tmp_path / "clear.png", 32), torch.ones(3, 32, 32))
 
 
-def test_small_image_warns_naming_the_file(tmp_path):
+def test_small_images_are_named_in_a_note(tmp_path):
     Image.new("RGB", (20, 30)).save(tmp_path / "tiny.png")
-    with pytest.warns(UserWarning, match=r"tiny\.png: 20x30 is smaller than 32"):
-        assert load_image(tmp_path / "tiny.png", 32).shape == (3, 32, 32)
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    images, notes = load_images([tmp_path / "big.png", tmp_path / "tiny.png"], 30)
+    assert images.shape == (2, 3, 30, 30)
+    assert len(notes) == 1 and re.fullmatch(r".*tiny\.png: 20x30 is smaller than 30 px and will be upscaled", notes[0])
+    torch.testing.assert_close(images[1], load_image(tmp_path / "tiny.png", 30))
 
 
 def test_unreadable_image_error_names_the_file(tmp_path):
@@ -116,3 +122,22 @@ def test_next_index(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert next_index(tmp_path) == 8
     assert next_index(tmp_path, prefix="grid-") == 4
+
+
+def test_written_files_get_the_umask_permissions_and_no_temporary_is_left(tmp_path):
+    """A PNG and a model file are made as any new file is (0644 under umask 022; safetensors alone would make
+    0600), and a failed write leaves the old file and no temporary file."""
+    import dreambooth
+
+    umask = os.umask(0o022)
+    try:
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+        dreambooth.save(dreambooth.load("tiny"), tmp_path / "model.safetensors")
+    finally:
+        os.umask(umask)
+    assert [oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("a.png", "model.safetensors")] == ["0o644"] * 2
+    before = (tmp_path / "a.png").read_bytes()
+    with pytest.raises(OSError, match="cannot write mode CMYK as PNG"):  # PIL has opened the file by then
+        save_png(Image.new("CMYK", (8, 8)), tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "model.safetensors"]
