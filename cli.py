@@ -2,12 +2,14 @@
 layout of their --help, and how they exit. The package (dreambooth/) speaks in values and raises ValueError;
 this module turns those into flags and one-line messages for a person."""
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import dreambooth
 from dreambooth.checkpoint import DEFAULT_FILES
 
 
@@ -29,9 +31,12 @@ def parser(prog, description, examples, usage=None):
 
 
 def check_model_flags(p, args):
-    """--ckpt names a file (or tiny); --device is one this machine has ("auto": CUDA where there is one)."""
+    """--ckpt names a file (or tiny), and so does --vae if given; --device is one this machine has ("auto": CUDA
+    where there is one)."""
     if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
         p.error(f"--ckpt {args.ckpt}: no such file")
+    if args.vae and not Path(args.vae).is_file():
+        p.error(f"--vae {args.vae}: no such file")
     if args.device in (None, "auto"):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -56,6 +61,15 @@ def default_checkpoint(program):
             return f
     print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in tiny (random) model")
     return "tiny"
+
+
+def with_vae(sd, path, program, device=None):
+    """sd with the VAE of the file `path` (--vae) instead of its own, or one line saying why not."""
+    try:
+        vae = dreambooth.load_vae(path, device or sd.device, next(sd.vae.parameters()).dtype)
+    except ValueError as e:
+        raise SystemExit(f"{program}: error: --vae {e}") from None
+    return dataclasses.replace(sd, vae=vae)
 
 
 def model_name(ckpt):

@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--outdir", help="default prior/<class>")
     p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
                                   "else the built-in tiny model (also --ckpt tiny)")
+    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
+                                                 "e.g. vae-ft-mse-840000-ema-pruned")
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
     p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; tiny: 64)")
     p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; tiny: 64)")
@@ -85,7 +87,7 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
         try:
             record = json.loads(line)
             index = int(Path(record["file"]).stem)
-            recorded = {key: record[key] for key in settings} | {"seed": record["seed"] - index}
+            recorded = {key: record.get(key) for key in settings} | {"seed": record["seed"] - index}
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"make_prior.py: error: {manifest} line {n} is not a manifest record ({e})") from None
         for key, value in settings.items():
@@ -110,7 +112,7 @@ def write_batches(sd, args, todo, names, done, settings, remaining, height, widt
                 if names[i] in done:
                     continue
                 parameters = a1111_parameters(args.prompt, "", args.ddim_steps, args.scale, args.seed + i,
-                                              width, height, cli.model_name(args.ckpt), ETA)
+                                              width, height, cli.model_name(args.ckpt), ETA, settings.get("vae"))
                 save_png(image, outdir / names[i], parameters)
                 record = {"file": names[i]} | settings | {"seed": args.seed + i}
                 manifest.write(json.dumps(record) + "\n")
@@ -126,12 +128,16 @@ def main(argv=None):
         sd = dreambooth.load(args.ckpt, device=args.device)
     except ValueError as e:
         raise SystemExit(f"make_prior.py: error: {e}") from None
+    if args.vae:
+        sd = cli.with_vae(sd, args.vae, "make_prior.py")
     height, width = args.H or sd.resolution, args.W or sd.resolution
 
     # What is already there: a resumed run must use the same settings. ("seed" here is the base seed; a manifest
     # line records seed + i, and read_manifest subtracts i again.)
     settings = {"prompt": args.prompt, "seed": args.seed, "steps": args.ddim_steps, "scale": args.scale, "eta": ETA,
                 "checkpoint": sd.name, "height": height, "width": width}
+    if args.vae:  # recorded only when given, so that folders made before --vae existed still match
+        settings["vae"] = Path(args.vae).name
     outdir = args.outdir
     outdir.mkdir(parents=True, exist_ok=True)
     done = read_manifest(outdir, settings)

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
                                   "else the built-in tiny model (also --ckpt tiny)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (the -full-ema files)")
+    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
+                                                 "e.g. vae-ft-mse-840000-ema-pruned")
     p.add_argument("--outdir", default="outputs/samples", help="where the PNGs go")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddim_eta", "--ddim-eta", dest="ddim_eta", type=float, default=0.0,
@@ -78,8 +80,10 @@ def main(argv=None):
         sd = dreambooth.load(args.ckpt, device=args.device, ema=args.ema)
     except ValueError as e:
         raise SystemExit(f"sample.py: error: {e}") from None
+    if args.vae:
+        sd = cli.with_vae(sd, args.vae, "sample.py")
     height, width = args.H or sd.resolution, args.W or sd.resolution
-    model = cli.model_name(args.ckpt)
+    model, vae = cli.model_name(args.ckpt), args.vae and Path(args.vae).name
 
     # The run: --n_iter passes over the prompts, in batches of --n_samples; image k gets seed + k.
     prompts = [prompt for _ in range(args.n_iter) for prompt in args.prompts]
@@ -96,7 +100,7 @@ def main(argv=None):
                                     precision=args.precision)
             for k, (prompt, seed, image) in enumerate(zip(batch, batch_seeds, batch_images), start=start):
                 parameters = a1111_parameters(prompt, args.negative_prompt, args.ddim_steps, args.scale, seed,
-                                              width, height, model, args.ddim_eta)
+                                              width, height, model, args.ddim_eta, vae)
                 save_png(image, outdir / f"{first + k:05d}.png", parameters)
             images += batch_images
             bar.update(len(batch))
@@ -105,7 +109,7 @@ def main(argv=None):
     if not args.skip_grid and len(images) > 1:
         grid = outdir / f"grid-{next_index(outdir, prefix='grid-'):04d}.png"
         first_parameters = a1111_parameters(prompts[0], args.negative_prompt, args.ddim_steps, args.scale,
-                                            seeds[0], width, height, model, args.ddim_eta)
+                                            seeds[0], width, height, model, args.ddim_eta, vae)
         save_png(image_grid(images, cols=args.n_samples), grid, first_parameters)  # A1111 labels grids so too
         where += f" and the grid {grid}"
     print(f"wrote {len(images)} image{'s' * (len(images) > 1)}: {where}")

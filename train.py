@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors, or tiny (the built-in random model); "
                                   "default weights/sd-v1-4.ckpt or .safetensors, else tiny")
     p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
+    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
+                                                 "(the photos are encoded with the checkpoint's own)")
     p.add_argument("--resolution", type=int, help="image size, a multiple of 8; default the model's (512, tiny 64)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=1, help="subject images per step, plus as many prior images")
@@ -310,13 +312,13 @@ def preview(sd, prompts, seeds, args, path):
         images = generate(sd, prompts, seeds, steps=args.sample_steps, height=args.resolution,
                           width=args.resolution, progress=False)
     sd.unet.train()
-    if not args.no_cache:
+    if not (args.no_cache and not args.vae):  # --no-cache encodes with the model's own VAE at every step
         sd.vae.to("cpu")
     if not args.train_text_encoder:
         sd.text_encoder.to("cpu")
     path.parent.mkdir(exist_ok=True)
     parameters = a1111_parameters(prompts[0], "", args.sample_steps, 7.5, seeds[0], args.resolution, args.resolution,
-                                  Path(sd.name).stem)  # a grid is labelled by its first image, as A1111 does
+                                  Path(args.out).name, vae=args.vae and Path(args.vae).name)  # labelled by image 1
     save_png(image_grid(images, cols=len(images)), path, parameters)
 
 
@@ -421,6 +423,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, n_instance, n_prior = load_model_and_photos(args, device)
+    preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
     if state:  # the trained weights where the run stopped
         for name, weights in state["weights"].items():
             getattr(sd, name).load_state_dict(weights)
@@ -443,7 +446,7 @@ def main(argv=None):
           f"{args.resolution} px; run folder {out}")
     log = Log(out, start, args, state.get("log") if state else None)
     del state
-    train(args, sd, step, optimizer, trained, generator, log)
+    train(args, sd, preview_sd, step, optimizer, trained, generator, log)
 
 
 def lr_at(step, args):
@@ -540,7 +543,7 @@ def size(n_bytes):
     return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
 
 
-def train(args, sd, step_fn, optimizer, trained, generator, log):
+def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
     """The loop: one step, then logging, previews and saves when they are due."""
     out, start = Path(args.out), log.start
     subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
@@ -566,7 +569,7 @@ def train(args, sd, step_fn, optimizer, trained, generator, log):
                 bar.set_postfix(loss=f"{log.write(step):.4f}")
             if sample_now:
                 log.note_peak()  # the steps' peak memory, before the preview's
-                preview(sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png")
+                preview(preview_sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png")
                 log.reset_peak()
             if save_now:
                 log.check(step)

@@ -92,6 +92,34 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
                            name=path.name, resolution=64 if unet_cfg == UNetConfig.tiny() else 512)
 
 
+# Keys of published VAE files that load_vae reads past on purpose: LitEma's bookkeeping (the EMA weights themselves
+# are already the file's weights in the "ema-pruned" files). The loss network, loss.*, is skipped by its prefix:
+# only training used it (LPIPS and the discriminator).
+VAE_IGNORED = {"model_ema.decay", "model_ema.num_updates"}
+
+
+def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> AutoencoderKL:
+    """A KL-f8 VAE file as published (.ckpt or .safetensors, e.g. vae-ft-mse-840000-ema-pruned): CompVis names
+    with or without the first_stage_model. prefix. Anything else raises CheckpointError naming what it is."""
+    path = Path(path)
+    state = _read(path)
+    keys = list(state)
+    if any(k.startswith(UNET) for k in keys):
+        raise CheckpointError(f"{path} is a full SD model ({UNET}* keys), not a VAE")
+    if any("lora" in k.lower() for k in keys) or any("down_blocks." in k or "mid_block." in k for k in keys):
+        raise CheckpointError(f"{path} is a LoRA or a diffusers-format file (keys like {keys[0]}), not a VAE in the "
+                              "original layout")
+    if any(k.startswith(("cond_stage_model.", "text_model.")) for k in keys):
+        raise CheckpointError(f"{path} is a text encoder (keys like {keys[0]}), not a VAE")
+    prefix = VAE if any(k.startswith(VAE) for k in keys) else ""
+    weights = {k.removeprefix(prefix): v for k, v in state.items()
+               if not k.startswith("loss.") and k not in VAE_IGNORED}
+    if "encoder.conv_in.weight" not in weights:
+        raise CheckpointError(f"{path} is not a VAE: it has no {prefix}encoder.conv_in.weight")
+    cfg = _config(VAEConfig, weights, "encoder.conv_in.weight", 0, "ch")
+    return _assign(path, _build(AutoencoderKL, cfg), weights, lambda k: prefix + k, device, dtype)
+
+
 def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16) -> None:
     """Write `sd` as a .safetensors file in the original CompVis layout, atomically (files.write_atomic).
     Weights are cast to `dtype`; the schedule buffers stay float32."""

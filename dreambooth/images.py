@@ -93,17 +93,20 @@ def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
 
 
 def a1111_parameters(prompt: str, negative_prompt: str, steps: int, scale: float, seed: int, width: int,
-                     height: int, model: str, eta: float = 0.0) -> str:
+                     height: int, model: str, eta: float = 0.0, vae: str | None = None) -> str:
     """The 'parameters' text in AUTOMATIC1111's format, e.g.
         photo of a sks dog
         Negative prompt: blurry
         Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-v1-4
-    (the negative prompt line only when there is one, "Eta: x" at the end only when eta is not 0)."""
+    (the negative prompt line only when there is one, "VAE: file name" after the model when a separate VAE is
+    used, "Eta: x" at the end only when eta is not 0)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     settings = (f"Steps: {steps}, Sampler: DDIM, CFG scale: {scale}, Seed: {seed}, Size: {width}x{height}, "
                 f"Model: {model}")
+    if vae:
+        settings += f", VAE: {vae}"
     if eta:
         settings += f", Eta: {eta}"
     lines.append(settings)
