@@ -147,6 +147,17 @@ def test_short_run_learns_and_writes_a_usable_run(photos, tmp_path, capsys):
     assert losses[1] < 0.8 * losses[0]
 
 
+def test_previews_decode_with_vae_and_name_the_run(photos, tmp_path):
+    from safetensors.torch import save_file
+
+    vae = {k: v.contiguous() for k, v in dreambooth.load("tiny").vae.state_dict().items()}
+    save_file(vae, tmp_path / "ft-mse.safetensors")
+    run(photos, tmp_path / "dog-run", "--steps", "1", "--sample-every", "1", "--sample-steps", "2", "--vae",
+        str(tmp_path / "ft-mse.safetensors"))
+    with Image.open(tmp_path / "dog-run" / "samples" / "step-00001.png") as grid:
+        assert grid.text["parameters"].endswith("Model: dog-run, VAE: ft-mse.safetensors")
+
+
 def test_run_opens_in_sample_py(photos, tmp_path):
     """The subprocess test: train.py as a command, then sample.py loads the model it wrote."""
     out = tmp_path / "run"
