@@ -4,7 +4,7 @@
     python benchmarks/cpu.py --quick      # tiny sizes, a few seconds (CI runs this)
 
 Both sides get the same numbers: our models get seeded random weights and diffusers' models are loaded strictly
-from them through diffusers' own checkpoint converters (benchmarks/same_weights.py). Before timing, each race checks
+from them through diffusers' own checkpoint converters (tests/references.py). Before timing, each race checks
 that both sides compute the same thing (UNet outputs, images). The two sides are timed alternately, repeat by
 repeat, so background load falls on both; the figures are medians after warm-up. Ratio < 1 means we are faster.
 """
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: dreambooth/, train.py, benchmarks/
 
 import dreambooth  # noqa: E402
-from dreambooth import Tokenizer  # noqa: E402
+from dreambooth import Tokenizer, speed  # noqa: E402
 import train  # noqa: E402
-from benchmarks.same_weights import random_model, random_photos, reference_pipeline, reference_unet  # noqa: E402
 from dreambooth.ddim import sd_alphas_cumprod  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.unet import UNetConfig, UNetModel  # noqa: E402
+from tests.references import random_model, random_photos, reference_pipeline, reference_unet  # noqa: E402
 
 # The mid-size UNet: SD v1's topology and text width with 64 instead of 320 channels (38 M instead of 860 M weights)
 # and 2 heads (head sizes 32 / 64 / 128; SD v1's are 40 / 80 / 160), run at 32 x 32 latents (256 px).
@@ -124,8 +124,8 @@ def training_steps(cfg: UNetConfig, latent: int, repeats: int):
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    s_in, s_after, s_ref = race(ours(in_backward, train.AdamWInBackward(train.blocks({"unet": in_backward}), lr, cpu)),
-                                ours(after, train.AdamWAfterBackward(list(after.parameters()), lr, cpu)),
+    s_in, s_after, s_ref = race(ours(in_backward, speed.AdamWInBackward(speed.blocks({"unet": in_backward}), lr, cpu)),
+                                ours(after, speed.AdamWAfterBackward(list(after.parameters()), lr, cpu)),
                                 diffusers_step, repeats=repeats)
     return [("training step, AdamW in backward", s_in, s_ref, "train.py's default"),
             ("training step, AdamW after backward", s_after, s_ref, "")]

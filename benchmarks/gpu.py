@@ -38,14 +38,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: dreambooth/, train.py, benchmarks/
 
 import train  # noqa: E402
-from benchmarks import same_weights  # noqa: E402
-from benchmarks.same_weights import random_model, random_photos  # noqa: E402
 from dreambooth import StableDiffusion, Tokenizer  # noqa: E402
 from dreambooth.clip import CLIPConfig, CLIPTextModel  # noqa: E402
 from dreambooth.ddim import sd_alphas_cumprod  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.unet import UNetConfig, UNetModel  # noqa: E402
 from dreambooth.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from tests.references import (random_model, random_photos, reference_clip, reference_pipeline,  # noqa: E402
+                              reference_unet)
 
 
 @dataclass
@@ -149,14 +149,14 @@ def diffusers_step(sizes, device, graph, checkpointing, train_text_encoder):
     MSE per half, then torch's fused AdamW after backward."""
     import diffusers
 
-    unet = same_weights.reference_unet(random_model(UNetModel, sizes.unet, device, seed=0)).train()
+    unet = reference_unet(random_model(UNetModel, sizes.unet, device, seed=0)).train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
     params = list(unet.parameters())
     if train_text_encoder:
-        text_encoder = same_weights.reference_clip(random_model(CLIPTextModel, sizes.clip, device, seed=1)).train()
+        text_encoder = reference_clip(random_model(CLIPTextModel, sizes.clip, device, seed=1)).train()
         params += list(text_encoder.parameters())
-    free_memory(device)  # our copies, from which the references were loaded, are gone
+    free_memory(device)  # our modules, whose tensors the references now hold, are gone
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear")
@@ -212,7 +212,7 @@ def time_sampling(sampler, graph, args, sizes, device) -> float:
             generate(sd, prompts, seeds, steps=sizes.ddim_steps, scale=7.5, slice_size=n, progress=False,
                      cuda_graph=graph)
     else:
-        pipe = same_weights.reference_pipeline(sd)
+        pipe = reference_pipeline(sd)
         del sd
         free_memory(device)
         # generate() draws image k's starting noise from torch.Generator().manual_seed(seeds[k]); so does this.

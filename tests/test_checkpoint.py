@@ -10,17 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dreambooth
-from dreambooth.checkpoint import CheckpointError
+from dreambooth.checkpoint import CLIP, UNET, VAE, CheckpointError
 from dreambooth.unet import UNetConfig
-from tests.conftest import (CLIP, UNET, VAE, compvis_schedule, diffusers_unet_config, parity_inputs,
-                            write_diffusers_config, write_lightning_ckpt)
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape
-    tol = 1e-4 * max(1.0, ref.abs().max().item())
-    diff = (ours - ref).abs().max().item()
-    assert diff <= tol, f"max abs diff {diff:.3g} > {tol:.3g}"
+from tests.references import (assert_close, compvis_schedule, diffusers_unet_config, parity_inputs,
+                              write_diffusers_config, write_lightning_ckpt)
 
 
 # ---- full size: both formats against diffusers / transformers --------------------------------

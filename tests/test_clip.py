@@ -1,11 +1,19 @@
-"""CLIP text encoder parity: ours == transformers.CLIPTextModel carrying the same weights."""
+"""CLIP text encoder parity: ours == transformers.CLIPTextModel holding the same weights, loaded strictly through
+diffusers' LDM converter from our state dict under 'cond_stage_model.transformer.text_model.'; and dreambooth.load
+giving each CLIP tensor of a file to the module of that name."""
+import re
+
 import pytest
 import torch
-from transformers import CLIPTextConfig
-from transformers import CLIPTextModel as HFCLIPTextModel
+from safetensors.torch import load_file, save_file
 
+import dreambooth
+from dreambooth.checkpoint import CLIP, CheckpointError
 from dreambooth.clip import IGNORED_KEYS, CLIPConfig, CLIPTextModel
 from dreambooth.tokenizer import Tokenizer
+from tests.references import assert_close, random_model, random_weights_, reference_clip
+
+pytest.importorskip("transformers")
 
 PROMPTS = [
     "a photo of sks dog",
@@ -14,28 +22,11 @@ PROMPTS = [
 ]
 
 
-def hf_config(cfg: CLIPConfig) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_length,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2,  # as in SD v1-4's text_encoder/config.json
-        attn_implementation="eager",  # explicit softmax + mask: independent of our SDPA call
-    )
-
-
-@torch.no_grad()
 def reference_and_ours(cfg: CLIPConfig, seed: int = 0):
-    """A seeded random transformers model, and ours loaded with its weights through the checkpoint names."""
-    torch.manual_seed(seed)
-    ref = HFCLIPTextModel(hf_config(cfg)).eval()
-    for p in ref.parameters():  # noise everywhere, so layer norms and biases are not the identity/zero
-        p.add_(0.02 * torch.randn_like(p))
-    state = {k.removeprefix("text_model."): v for k, v in ref.state_dict().items()}
-    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
-    ours = CLIPTextModel(cfg).eval()
-    ours.load_state_dict(state)  # strict
-    return ref, ours
+    """Ours with seeded random weights, and transformers' with eager attention (an explicit softmax and mask,
+    independent of our SDPA call) holding the same tensors."""
+    ours = random_model(CLIPTextModel, cfg, seed=seed).eval()
+    return reference_clip(ours, attention="eager"), ours
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +39,13 @@ def tiny():
     return reference_and_ours(CLIPConfig.tiny(), seed=1)
 
 
-def assert_close(ours: torch.Tensor, ref: torch.Tensor):
-    tol = 1e-5 * max(1.0, ref.abs().max().item())
-    assert ours.shape == ref.shape
-    assert (ours - ref).abs().max().item() <= tol
-
-
 @torch.no_grad()
 def test_full_size_matches_transformers(full_size):
     ref, ours = full_size
     ids = Tokenizer()(PROMPTS)
     out = ours(ids)
     assert out.shape == (3, 77, 768) and out.dtype == torch.float32
-    assert_close(out, ref(input_ids=ids).last_hidden_state)
+    assert_close(out, ref(input_ids=ids).last_hidden_state, rel=1e-5)
 
 
 def test_keys_are_the_checkpoint_names(full_size):
@@ -78,9 +63,9 @@ def test_tiny_matches_transformers(tiny):
     ref, ours = tiny
     assert ours.config == CLIPConfig(width=32, layers=2, heads=2, mlp_width=64)
     ids = torch.randint(0, 49408, (3, 77), generator=torch.Generator().manual_seed(0))
-    assert_close(ours(ids), ref(input_ids=ids).last_hidden_state)
+    assert_close(ours(ids), ref(input_ids=ids).last_hidden_state, rel=1e-5)
     short = ids[:, :10]  # fewer than 77 positions: same causal prefix
-    assert_close(ours(short), ref(input_ids=short).last_hidden_state)
+    assert_close(ours(short), ref(input_ids=short).last_hidden_state, rel=1e-5)
 
 
 def test_bad_ids_shape_is_an_error(tiny):
@@ -88,24 +73,37 @@ def test_bad_ids_shape_is_an_error(tiny):
         tiny[1](torch.zeros(2, 78, dtype=torch.long))
 
 
-def test_missing_key_is_named():
-    model = CLIPTextModel(CLIPConfig.tiny())
-    state = model.state_dict()
-    del state["encoder.layers.1.mlp.fc1.weight"]
-    with pytest.raises(RuntimeError, match="encoder.layers.1.mlp.fc1.weight"):
-        model.load_state_dict(state)
+# ---- dreambooth.load: the file's CLIP tensors, key by key ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """The tiny model with seeded noise in every CLIP tensor (no two alike, so a tensor under the wrong name
+    shows), saved in fp32, plus the position_ids buffer that sd-v1-4.ckpt carries under the CLIP prefix."""
+    sd = dreambooth.load("tiny")
+    random_weights_(sd.text_encoder, seed=2)
+    path = tmp_path_factory.mktemp("clip") / "tiny.safetensors"
+    dreambooth.save(sd, path, dtype=torch.float32)
+    save_file(load_file(path) | {CLIP + "embeddings.position_ids": torch.arange(77)[None]}, path)
+    return path
 
 
-def test_wrong_shape_is_named():
-    model = CLIPTextModel(CLIPConfig.tiny())
-    state = model.state_dict()
-    state["encoder.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 31)
-    with pytest.raises(RuntimeError, match="encoder.layers.0.self_attn.k_proj.weight"):
-        model.load_state_dict(state)
+def test_load_gives_each_clip_tensor_of_the_file_to_its_module(tiny_file):
+    loaded = dreambooth.load(tiny_file).text_encoder.state_dict()
+    in_file = {k.removeprefix(CLIP): v for k, v in load_file(tiny_file).items() if k.startswith(CLIP)}
+    assert set(loaded) == set(in_file) - set(IGNORED_KEYS)
+    for key, tensor in loaded.items():
+        assert torch.equal(tensor, in_file[key]), key
 
 
-def test_position_ids_must_be_dropped_before_loading():
-    model = CLIPTextModel(CLIPConfig.tiny())
-    state = model.state_dict() | {"embeddings.position_ids": torch.arange(77)[None]}
-    with pytest.raises(RuntimeError, match="embeddings.position_ids"):
-        model.load_state_dict(state)
+@pytest.mark.parametrize("key, change, message", [
+    ("encoder.layers.1.mlp.fc1.weight", None, "missing key {}$"),
+    ("encoder.layers.0.self_attn.k_proj.weight", torch.zeros(32, 31), r"{} has shape \[32, 31\], expected \[32, 32\]$"),
+])
+def test_clip_key_problems_in_a_file_are_named(tiny_file, tmp_path, key, change, message):
+    state = {k: v for k, v in load_file(tiny_file).items() if k != CLIP + key}
+    if change is not None:
+        state[CLIP + key] = change
+    path = tmp_path / "broken.safetensors"
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: " + message.format(re.escape(CLIP + key))):
+        dreambooth.load(path)

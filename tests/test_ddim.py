@@ -1,24 +1,12 @@
 """DDIM, the schedule and DDPM noising against diffusers' DDIMScheduler configured as Stable Diffusion v1, and the
 whole text-to-image path (generate) against diffusers' StableDiffusionPipeline."""
-import gzip
-import json
-
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from dreambooth.ddim import add_noise, ddim_sample, ddim_timesteps, guided_eps_fn, sd_alphas_cumprod
-from dreambooth.tokenizer import VOCAB_FILE
-
-
-def sd_v1_scheduler(steps=50):
-    """diffusers' DDIM as SD v1's model_index.json / scheduler_config.json configure it."""
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
-                              clip_sample=False, prediction_type="epsilon")
-    scheduler.set_timesteps(steps)
-    return scheduler
+from tests.references import reference_tokenizer, sd_v1_ddim, write_diffusers_config
 
 
 class ToyEps(torch.nn.Module):
@@ -42,12 +30,12 @@ class ToyEps(torch.nn.Module):
 def test_alphas_cumprod_match_diffusers():
     ours = sd_alphas_cumprod()
     assert ours.dtype == torch.float32 and ours.shape == (1000,)
-    torch.testing.assert_close(ours, sd_v1_scheduler().alphas_cumprod, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours, sd_v1_ddim().alphas_cumprod, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("steps", [50, 20, 7, 1])
 def test_timesteps_match_diffusers(steps):
-    assert ddim_timesteps(steps).tolist() == sd_v1_scheduler(steps).timesteps.tolist()
+    assert ddim_timesteps(steps).tolist() == sd_v1_ddim(steps).timesteps.tolist()
 
 
 def test_timesteps_for_50_steps_are_offset_by_one():
@@ -64,13 +52,13 @@ def test_add_noise_matches_diffusers():
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
-    scheduler = sd_v1_scheduler()
+    scheduler = sd_v1_ddim()
     torch.testing.assert_close(add_noise(x0, noise, t, sd_alphas_cumprod()), scheduler.add_noise(x0, noise, t),
                                rtol=1e-5, atol=1e-6)
 
 
 def diffusers_ddim(eps_fn, x, eta, noise_generator):
-    scheduler = sd_v1_scheduler(50)
+    scheduler = sd_v1_ddim(50)
     for t in scheduler.timesteps:
         variance_noise = torch.randn(x.shape, generator=noise_generator) if eta > 0 else None
         x = scheduler.step(eps_fn(x, int(t)), t, x, eta=eta, variance_noise=variance_noise).prev_sample
@@ -89,7 +77,7 @@ def test_ddim_matches_diffusers(eta):
     # in float32, the CompVis code in float64), which elementwise comparison near zero would magnify.
     assert (ours - theirs).norm() / theirs.norm() < 1e-5
     # Given diffusers' own schedule, the sampler arithmetic agrees elementwise.
-    ours_same_schedule = ddim_sample(eps_fn, x, sd_v1_scheduler().alphas_cumprod, steps=50, eta=eta,
+    ours_same_schedule = ddim_sample(eps_fn, x, sd_v1_ddim().alphas_cumprod, steps=50, eta=eta,
                                      generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ours_same_schedule, theirs, rtol=1e-5, atol=1e-6)
 
@@ -130,26 +118,11 @@ def test_guidance_is_eps_uncond_plus_scale_times_difference():
 
 # ---- the whole sampler against diffusers' StableDiffusionPipeline ---------------------------------------------
 
-def clip_tokenizer(folder):
-    """transformers' CLIPTokenizer from the shipped vocabulary, built as OpenAI's simple_tokenizer.py reads it."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    merges = gzip.open(VOCAB_FILE).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return CLIPTokenizer.from_pretrained(folder, pad_token="<|endoftext|>", model_max_length=77)
-
-
 @pytest.fixture(scope="module")
 def tiny_and_pipeline(tmp_path_factory):
     """The tiny model written by dreambooth.save in the original layout, loaded by us and by diffusers'
     StableDiffusionPipeline.from_single_file (config from a local folder, no download)."""
     import dreambooth
-    from tests.conftest import write_diffusers_config
 
     folder = tmp_path_factory.mktemp("pipeline")
     path = folder / "tiny.safetensors"
@@ -158,7 +131,7 @@ def tiny_and_pipeline(tmp_path_factory):
     write_diffusers_config(folder / "config", sd)
     pipe = StableDiffusionPipeline.from_single_file(
         str(path), config=str(folder / "config"), local_files_only=True, torch_dtype=torch.float32,
-        safety_checker=None, feature_extractor=None, tokenizer=clip_tokenizer(folder))
+        safety_checker=None, feature_extractor=None, tokenizer=reference_tokenizer())
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.steps_offset == 1
     return sd, pipe

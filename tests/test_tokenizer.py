@@ -1,20 +1,21 @@
 """Tokenizer parity: our ids == transformers' CLIPTokenizerFast and OpenAI's SimpleTokenizer.
 
-Both references are built here from the same shipped vocabulary file, the way OpenAI's
-simple_tokenizer.py reads it, independently of dreambooth/tokenizer.py.
+Both references are built from the same shipped vocabulary file, the way OpenAI's simple_tokenizer.py reads it
+(tests/references.py), independently of dreambooth/tokenizer.py.
 """
-import gzip
 import html
 import json
+import re
 import unicodedata
+import warnings
 
 import pytest
 import regex
 import torch
-from transformers import CLIPTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from dreambooth.tokenizer import VOCAB_FILE, Tokenizer
+from dreambooth.tokenizer import Tokenizer
+from tests.references import reference_tokenizer, write_clip_vocab
 
 LONG = "a highly detailed photograph of a sks dog sitting on a red sofa in a sunlit living room, " * 4
 
@@ -85,29 +86,28 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory):
-    """vocab.json + merges.txt from the gz file, built as OpenAI's simple_tokenizer.py builds them."""
-    lines = gzip.open(VOCAB_FILE).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d = tmp_path_factory.mktemp("clip_vocab")
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return d
+    return write_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))
 
 
 @pytest.fixture(scope="module")
-def hf(vocab_dir):
-    return CLIPTokenizerFast.from_pretrained(vocab_dir, pad_token="<|endoftext|>")
+def hf():
+    return reference_tokenizer()
 
 
 def hf_ids(hf, prompts):
     return hf(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
 
 
-def test_enough_varied_prompts():
-    assert len(set(PROMPTS)) >= 50
+def test_truncation_warnings_count_the_reference_tokens(hf):
+    """Ours warns for exactly the prompts that the reference cuts, with the reference's length before the cut."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Tokenizer()(PROMPTS)
+    warned = [re.match(r"prompt (\d+) is (\d+) tokens long; CLIP reads at most 75", str(w.message)) for w in caught]
+    assert all(warned), [str(w.message) for w in caught]
+    lengths = [len(ids) for ids in hf(PROMPTS, add_special_tokens=False).input_ids]
+    assert {int(m[1]): int(m[2]) for m in warned} == {i: n for i, n in enumerate(lengths) if n > 75}
+    assert len(warned) >= 2
 
 
 def test_matches_clip_tokenizer_fast(hf):

@@ -174,7 +174,7 @@ def test_run_opens_in_sample_py(photos, tmp_path):
 
 def test_saved_model_opens_in_diffusers(photos, tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    from tests.conftest import write_diffusers_config
+    from tests.references import write_diffusers_config
 
     out = tmp_path / "run"
     run(photos, out, "--steps", "2", "--lr", "1e-3")

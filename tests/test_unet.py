@@ -7,32 +7,17 @@ That proves our module names and shapes are the original CompVis layout; the out
 import pytest
 import torch
 
-from benchmarks.same_weights import diffusers_unet_config, random_weights_
 from dreambooth.unet import UNetConfig, UNetModel
+from tests.references import assert_close, random_model, reference_unet
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
-
-PREFIX = "model.diffusion_model."
+pytest.importorskip("diffusers")
 
 
 def build_pair(cfg: UNetConfig):
-    """Ours with random weights, and diffusers' loaded (strictly) from ours through diffusers' LDM converter."""
-    with torch.device("meta"):  # skip the default init: random_weights_() writes every parameter anyway
-        ours = UNetModel(cfg)
-    ours = ours.to_empty(device="cpu").eval()
-    random_weights_(ours)
-    checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    config = diffusers_unet_config(cfg)
-    with torch.device("meta"):
-        ref = diffusers.UNet2DConditionModel(**config)
-    converted = convert_ldm_unet_checkpoint(checkpoint, ref.config)
-    # The converter renames; every tensor we produced must be used exactly once, none left over.
-    assert len(converted) == len(checkpoint) == len(ref.state_dict())
-    assert {id(v) for v in converted.values()} == {id(v) for v in checkpoint.values()}
-    ref.load_state_dict(converted, strict=True, assign=True)  # shares our tensors: no second copy in RAM
-    assert not any(p.is_meta for p in ref.parameters())
-    return ours, ref.eval()
+    """Ours with random weights, and diffusers' holding the same tensors (no second copy in RAM), loaded strictly
+    through diffusers' LDM converter."""
+    ours = random_model(UNetModel, cfg).eval()
+    return ours, reference_unet(ours)
 
 
 def check_parity(ours, ref, cfg: UNetConfig, size: int) -> None:
@@ -43,10 +28,9 @@ def check_parity(ours, ref, cfg: UNetConfig, size: int) -> None:
     with torch.no_grad():
         expected = ref(x, t, encoder_hidden_states=context).sample
         got = ours(x, t, context)
-    assert got.shape == expected.shape == x.shape
+    assert got.shape == x.shape
     assert expected.abs().max() > 1e-2  # not a degenerate all-zero output
-    tol = 1e-4 * max(1.0, expected.abs().max().item())
-    assert (got - expected).abs().max().item() <= tol
+    assert_close(got, expected)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +76,7 @@ def test_timestep_forms_agree(tiny_pair):
 
 
 def test_gradient_checkpointing_gives_same_grads(monkeypatch):
-    model = UNetModel(UNetConfig.tiny()).train()
-    random_weights_(model, seed=3)
+    model = random_model(UNetModel, UNetConfig.tiny(), seed=3).train()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([3, 900])

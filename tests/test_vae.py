@@ -2,38 +2,30 @@
 
 Our model's state dict is written in the original CompVis layout ('first_stage_model.' + our keys)
 and converted with diffusers' own LDM -> diffusers converter, then loaded strictly into diffusers:
-that checks our module tree is the real sd-v1-4 layout without any key table in this test.
+that checks our module tree is the real sd-v1-4 layout without any key table in this test. And the latent scale:
+what training feeds the UNet, generate() decodes back.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
+import dreambooth
+import train
+from dreambooth import vae as vae_module
+from dreambooth.generate import generate
+from dreambooth.images import to_pil
+from dreambooth.vae import AutoencoderKL, VAEConfig
+from tests.references import assert_close, random_model, random_weights_, reference_vae
 
-from benchmarks.same_weights import diffusers_vae_config, random_weights_  # noqa: E402
-from dreambooth import vae as vae_module  # noqa: E402
-from dreambooth.vae import LATENT_SCALE, AutoencoderKL, VAEConfig  # noqa: E402
-
-PREFIX = "first_stage_model."
+pytest.importorskip("diffusers")
 
 
 def build_pair(cfg: VAEConfig):
-    ours = AutoencoderKL(cfg).eval()
-    random_weights_(ours)
-    checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
-    ref = diffusers.AutoencoderKL(**diffusers_vae_config(cfg)).eval()
-    converted = convert_ldm_vae_checkpoint(checkpoint, dict(ref.config))
-    assert len(converted) == len(checkpoint), "diffusers' converter dropped or merged keys"
-    ref.load_state_dict(converted, strict=True)
-    return ours, ref
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape
-    tol = 1e-4 * max(1.0, ref.abs().max().item())
-    diff = (ours - ref).abs().max().item()
-    assert diff <= tol, f"max abs diff {diff:.3g} > {tol:.3g}"
+    """Ours with random weights, and diffusers' holding the same tensors, loaded strictly through diffusers'
+    LDM converter."""
+    ours = random_model(AutoencoderKL, cfg).eval()
+    return ours, reference_vae(ours)
 
 
 def check_parity(ours, ref, batch=2, size=64):
@@ -58,8 +50,22 @@ def full_pair():
     return build_pair(VAEConfig())
 
 
-def test_latent_scale():
-    assert LATENT_SCALE == 0.18215
+@torch.no_grad()
+def test_generate_decodes_the_latents_training_learns_from(monkeypatch):
+    """train.py feeds the UNet the VAE's latents times LATENT_SCALE, and generate() divides the sampler's latents by
+    it before decoding: the two must undo each other. A sampler that returns exactly the latent a training step drew
+    from a photo's posterior must give the VAE's own decoding of that photo's latent."""
+    sd = dreambooth.load("tiny")
+    random_weights_(sd.vae, seed=4)
+    photo = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    posterior = train.encode_posteriors(sd.vae, photo, "cpu")[:, 0]  # not mirrored: [1, 8 (mean, logvar), 8, 8]
+    posterior[:, 4:] = -30  # sigma 3e-7: the drawn latent is the mean
+    latents = train.sample_latents(posterior, torch.Generator().manual_seed(6))
+    monkeypatch.setattr("dreambooth.generate.ddim_sample", lambda *args: latents)  # the sampler's result
+    image = np.asarray(generate(sd, ["a photo"], [0], steps=1, progress=False)[0], np.int16)
+    expected = np.asarray(to_pil(sd.vae.decode(posterior[:, :4])[0]), np.int16)
+    assert ((expected > 2) & (expected < 253)).mean() > 0.5  # not saturated: a wrong scale would show
+    assert np.abs(image - expected).max() <= 1  # 8-bit rounding
 
 
 def test_full_size_parity(full_pair):
@@ -83,8 +89,7 @@ def test_full_size_layout(full_pair):
 
 
 def test_decode_slices_match_whole_batch():
-    ours = AutoencoderKL(VAEConfig.tiny()).eval()
-    random_weights_(ours)
+    ours = random_model(AutoencoderKL, VAEConfig.tiny()).eval()
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         whole = ours.decode(z, slice_size=3)
