@@ -131,6 +131,7 @@ def main(argv=None):
     if args.vae:
         sd = cli.with_vae(sd, args.vae, "make_prior.py")
     height, width = args.H or sd.resolution, args.W or sd.resolution
+    cli.note_long_prompts(sd.tokenizer, [args.prompt])
 
     # What is already there: a resumed run must use the same settings. ("seed" here is the base seed; a manifest
     # line records seed + i, and read_manifest subtracts i again.)

@@ -86,6 +86,7 @@ def main(argv=None):
     model, vae = cli.model_name(args.ckpt), args.vae and Path(args.vae).name
 
     # The run: --n_iter passes over the prompts, in batches of --n_samples; image k gets seed + k.
+    cli.note_long_prompts(sd.tokenizer, args.prompts)
     prompts = [prompt for _ in range(args.n_iter) for prompt in args.prompts]
     seeds = [args.seed + k for k in range(len(prompts))]
     outdir = Path(args.outdir)

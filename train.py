@@ -376,6 +376,7 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     sd.vae.requires_grad_(False).eval()
     sd.text_encoder.requires_grad_(args.train_text_encoder).train(args.train_text_encoder)
     sd.unet.train()
+    cli.note_long_prompts(sd.tokenizer, [args.instance_prompt, args.prior_prompt])
     ids = sd.tokenizer([args.instance_prompt, args.prior_prompt]).to(device)
     posteriors = contexts = None
     if args.no_cache:

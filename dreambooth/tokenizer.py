@@ -37,7 +37,6 @@ Copyright (c) 2021 OpenAI, MIT License (full notice in bpe_simple_vocab_16e6.LIC
 """
 import functools
 import gzip
-import warnings
 from pathlib import Path
 
 import torch
@@ -102,13 +101,14 @@ class Tokenizer:
         room = self.max_length - 2
         ids = torch.full((len(prompts), self.max_length), self.end_id, dtype=torch.long)
         for i, encoding in enumerate(self.bpe.encode_batch(prompts, add_special_tokens=False)):
-            tokens = encoding.ids
-            if len(tokens) > room:
-                warnings.warn(
-                    f"prompt {i} is {len(tokens)} tokens long; CLIP reads at most {room}, "
-                    f"so the last {len(tokens) - room} tokens were dropped: {prompts[i][:40]!r}...",
-                    stacklevel=2,
-                )
-            row = [self.start_id, *tokens[:room], self.end_id]
+            row = [self.start_id, *encoding.ids[:room], self.end_id]  # longer prompts are cut: see cut()
             ids[i, : len(row)] = torch.tensor(row)
         return ids
+
+    def cut(self, prompt: str) -> tuple[int, str] | None:
+        """None if CLIP reads all of `prompt`; else (its number of tokens, the part of the text CLIP reads)."""
+        encoding = self.bpe.encode(prompt, add_special_tokens=False)
+        room = self.max_length - 2
+        if len(encoding.ids) <= room:
+            return None
+        return len(encoding.ids), prompt[: encoding.offsets[room - 1][1]]

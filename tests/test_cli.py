@@ -47,3 +47,15 @@ def test_model_name_is_the_run_folder_for_a_runs_model():
     assert cli.model_name("weights/sd-v1-4.ckpt") == "sd-v1-4"
     assert cli.model_name("model.safetensors") == "model"
     assert cli.model_name("tiny") == "tiny"
+
+
+def test_long_prompts_get_one_plain_line_each(capsys):
+    import dreambooth
+
+    long = "a photo of a sks dog " + "in a garden full of flowers " * 15
+    cli.note_long_prompts(dreambooth.Tokenizer(), ["a dog", long, long, "a cat"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    tokens, kept = dreambooth.Tokenizer().cut(long)  # cut() itself is checked against CLIPTokenizerFast
+    assert lines == [f"note: prompt 2 of 3 is {tokens} tokens; CLIP reads 75, so the text after '...{kept[-30:]}' "
+                     "is ignored"]

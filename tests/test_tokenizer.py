@@ -5,9 +5,7 @@ Both references are built from the same shipped vocabulary file, the way OpenAI'
 """
 import html
 import json
-import re
 import unicodedata
-import warnings
 
 import pytest
 import regex
@@ -98,21 +96,21 @@ def hf_ids(hf, prompts):
     return hf(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
 
 
-def test_truncation_warnings_count_the_reference_tokens(hf):
-    """Ours warns for exactly the prompts that the reference cuts, with the reference's length before the cut."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        Tokenizer()(PROMPTS)
-    warned = [re.match(r"prompt (\d+) is (\d+) tokens long; CLIP reads at most 75", str(w.message)) for w in caught]
-    assert all(warned), [str(w.message) for w in caught]
+def test_cut_counts_the_reference_tokens(hf):
+    """cut() names exactly the prompts that the reference cuts, with the reference's length before the cut, and
+    the text it keeps tokenizes to the first 75 of the reference's tokens."""
+    tok = Tokenizer()
+    cuts = {i: tok.cut(prompt) for i, prompt in enumerate(PROMPTS) if tok.cut(prompt)}
     lengths = [len(ids) for ids in hf(PROMPTS, add_special_tokens=False).input_ids]
-    assert {int(m[1]): int(m[2]) for m in warned} == {i: n for i, n in enumerate(lengths) if n > 75}
-    assert len(warned) >= 2
+    assert {i: n for i, (n, _) in cuts.items()} == {i: n for i, n in enumerate(lengths) if n > 75}
+    assert len(cuts) >= 2
+    for i, (_, kept) in cuts.items():
+        reference = hf([kept, PROMPTS[i]], add_special_tokens=False).input_ids
+        assert reference[0] == reference[1][:75]
 
 
 def test_matches_clip_tokenizer_fast(hf):
-    with pytest.warns(UserWarning):  # the long prompts are truncated
-        ours = Tokenizer()(PROMPTS)
+    ours = Tokenizer()(PROMPTS)
     ref = hf_ids(hf, PROMPTS)
     for prompt, a, b in zip(PROMPTS, ours, ref):
         assert a.tolist() == b.tolist(), prompt
@@ -190,16 +188,16 @@ def test_framing_and_padding():
     assert tok([]).shape == (0, 77)
 
 
-def test_truncation_keeps_end_token_and_warns_count():
+def test_truncation_keeps_end_token_and_cut_says_where():
     tok = Tokenizer()
-    with pytest.warns(UserWarning, match=r"prompt 1 is 80 tokens long; .* last 5 tokens were dropped"):
-        ids = tok(["fits", "word " * 80])
+    ids = tok(["fits", "word " * 80])
     assert ids[1, 0] == 49406 and ids[1, -1] == 49407 and (ids[1, 1:-1] != 49407).all()
+    assert tok.cut("fits") is None and tok.cut("word " * 80) == (80, ("word " * 75).strip())
 
 
-def test_exactly_75_tokens_is_not_truncated(recwarn):
+def test_exactly_75_tokens_is_not_truncated():
     ids = Tokenizer()(["word " * 75])
-    assert len(recwarn) == 0 and ids[0, -1] == 49407 and ids[0, -2] != 49407
+    assert Tokenizer().cut("word " * 75) is None and ids[0, -1] == 49407 and ids[0, -2] != 49407
 
 
 def test_single_string_is_an_error():
