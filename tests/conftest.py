@@ -62,3 +62,14 @@ def sd_v1_files(tmp_path_factory):
     yield files
     files.ckpt.unlink()  # 4 GB of disk: do not leave it to pytest's basetemp rotation
     files.safetensors.unlink()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the tests that compare results bit for bit: with several threads on a busy machine,
+    the order of some floating-point sums changes from run to run (README, "When results are identical"). The tiny
+    model gains nothing from a second thread anyway. Subprocesses get OMP_NUM_THREADS=1 for the same reason."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

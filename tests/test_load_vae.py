@@ -13,6 +13,8 @@ import sample
 from dreambooth.checkpoint import VAE
 from dreambooth.vae import AutoencoderKL, VAEConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # results compared bit for bit
+
 
 def other_vae(seed=1):
     """The tiny model's VAE with other weights, so that decoding with it shows."""

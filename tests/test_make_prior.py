@@ -10,6 +10,8 @@ from PIL import Image
 
 import make_prior
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # results compared bit for bit
+
 REPO = Path(__file__).resolve().parents[1]
 # 5 images in batches of 2: batches {0, 1}, {2, 3}, {4}.
 FLAGS = ["--class", "dog", "--num", "5", "--batch-size", "2", "--ddim_steps", "2", "--H", "64", "--W", "64",

@@ -10,6 +10,8 @@ from PIL import Image
 
 import sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # results compared bit for bit
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--ckpt", "tiny", "--ddim_steps", "3"]
 
