@@ -15,8 +15,9 @@ with the noise prediction of Stable Diffusion:
 
 x_t noises the VAE latent of a subject photo and x'_t' that of a prior image (DDPM eq. 4, see
 `dreambooth.ddim.add_noise`); lambda is --prior-weight. The file reads top to bottom: settings; one
-training step (the loss, what a step draws, the optimizer, the step as a call, and the CUDA graph that
-replays it on a GPU); previews and saving; setup; then main() and the loop.
+training step (the loss, what a step draws, the step as a call, replayed from a CUDA graph on a GPU);
+previews and saving; setup; then main() and the loop. The optimizer and the CUDA graph themselves are
+in dreambooth/speed.py.
 """
 import argparse
 import json
@@ -137,7 +138,7 @@ def resolve_defaults(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# One training step: the loss, what a step draws, the optimizer, the step itself, and its CUDA graph.
+# One training step: the loss, what a step draws, and the step itself.
 
 
 def dreambooth_loss(unet, latents, context, noise, t, alphas_cumprod, n_instance, prior_weight):
