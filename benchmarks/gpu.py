@@ -103,6 +103,13 @@ def reference_missing() -> str | None:
     return None
 
 
+def why_skipped(who, graph, missing, device) -> str | None:
+    """Why a row cannot run here: the reference is not installed, or a CUDA-graph row without CUDA."""
+    if who == "diffusers" and missing:
+        return missing
+    return "skipped: CUDA graphs need CUDA" if graph and device.type != "cuda" else None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -253,11 +260,8 @@ def main(argv=None):
                  f"{'trained' if text_encoder else 'frozen':13}")
         if args.quick and not in_quick:
             continue
-        if trainer == "diffusers" and missing:
-            print(f"{label} {missing}")
-            continue
-        if graph and device.type != "cuda":
-            print(f"{label} skipped: CUDA graphs need CUDA")
+        if skipped := why_skipped(trainer, graph, missing, device):
+            print(f"{label} {skipped}")
             continue
         steps_per_s, peak = time_training(ours_step if trainer == "ours" else diffusers_step, args, sizes, device,
                                           graph=graph, checkpointing=checkpointing, train_text_encoder=text_encoder)
@@ -269,11 +273,8 @@ def main(argv=None):
     print(f"{'sampler':10} {'UNet':6} {'seconds':>8}")
     for sampler, graph in SAMPLE_ROWS:
         label = f"{sampler:10} {'graph' if graph else 'eager':6}"
-        if sampler == "diffusers" and missing:
-            print(f"{label} {missing}")
-            continue
-        if graph and device.type != "cuda":
-            print(f"{label} skipped: CUDA graphs need CUDA")
+        if skipped := why_skipped(sampler, graph, missing, device):
+            print(f"{label} {skipped}")
             continue
         print(f"{label} {time_sampling(sampler, graph, args, sizes, device):8.2f}", flush=True)
 
