@@ -18,7 +18,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        default = action.default
+        shown = default is not None and default is not False and default not in ("", argparse.SUPPRESS)
         if action.option_strings and shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text

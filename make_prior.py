@@ -87,11 +87,12 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
         try:
             record = json.loads(line)
             index = int(Path(record["file"]).stem)
-            recorded = {key: record.get(key) for key in settings} | {"seed": record["seed"] - index}
+            recorded = {key: record.get(key) for key in {*settings, "vae"}} | {"seed": record["seed"] - index}
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"make_prior.py: error: {manifest} line {n} is not a manifest record ({e})") from None
-        for key, value in settings.items():
-            if recorded[key] != value:
+        for key in {*settings, "vae"}:  # "vae" is recorded only when --vae was given
+            value = settings.get(key)
+            if recorded.get(key) != value:
                 raise SystemExit(f"make_prior.py: error: {outdir} holds images made with {key} {recorded[key]!r}, "
                                  f"not {value!r}; choose another --outdir or empty the folder")
         if (outdir / record["file"]).is_file():

@@ -277,7 +277,7 @@ def why_eager(args, device):
 ACTIVATIONS_GIB = 2.1
 
 
-def choose_grad_checkpointing(args, unet, params, images_per_step, device):
+def choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device):
     """Gradient checkpointing keeps only each UNet block's input in forward and recomputes the block in backward:
     a fraction of the activation memory, for more time per step. --grad-checkpointing / --no-grad-checkpointing
     decide; by default it is on only where the GPU could not hold the run without it.
@@ -287,8 +287,10 @@ def choose_grad_checkpointing(args, unet, params, images_per_step, device):
     if device.type != "cuda":
         return False, "gradient checkpointing off: memory is not the limit on a CPU (--grad-checkpointing turns it on)"
     size = images_per_step * (args.resolution / 512) ** 2 * unet.config.model_channels / 320
-    moments = sum(p.numel() for p in params) * 8 / 2**30  # AdamW's two fp32 moments, made at the first step
-    need = ACTIVATIONS_GIB * size + moments
+    size *= 2 if args.precision == "fp32" else 1  # the activations were measured in bf16
+    # AdamW's two fp32 moments, made at the first step, and stepping after backward, a whole fp32 gradient
+    states = sum(p.numel() for p in params) * (12 if after_backward else 8) / 2**30
+    need = ACTIVATIONS_GIB * size + states
     free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
             - torch.cuda.memory_allocated(device)) / 2**30
     on = need > 0.85 * free
@@ -396,15 +398,17 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     sd.unet.to(memory_format=memory_format)
     params = [p for m in trained.values() for p in m.parameters()]
     images_per_step = args.batch_size * (2 if n_prior else 1)
-    checkpointing, why = choose_grad_checkpointing(args, sd.unet, params, images_per_step, device)
+    after_backward = args.no_step_in_backward or args.clip_grad or args.precision == "fp16"
+    checkpointing, why = choose_grad_checkpointing(args, sd.unet, params, images_per_step, after_backward, device)
     sd.unet.set_grad_checkpointing(checkpointing)
-    if args.no_step_in_backward or args.clip_grad or args.precision == "fp16":
-        optimizer = speed.AdamWAfterBackward(params, args.lr, device, args.clip_grad, fp16=args.precision == "fp16")
+    eager = why_eager(args, device)
+    if after_backward:
+        optimizer = speed.AdamWAfterBackward(params, args.lr, device, args.clip_grad, args.precision == "fp16",
+                                             capturable=not eager)
     else:
-        optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device)
+        optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device, capturable=not eager)
     photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, n_prior, args.batch_size,
                     len(sd.alphas_cumprod), memory_format)
-    eager = why_eager(args, device)
     step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
                      sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), cuda_graph=not eager)
     print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
@@ -456,6 +460,14 @@ def lr_at(step, args):
     return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
 
 
+def logged_step(line):
+    """The step of a log.jsonl row; infinity for a row cut short by a crash, so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class Log:
     """log.jsonl: a row every --log-every steps (and at the last step) with the mean losses since the last row, the
     learning rate and the run's training time so far. The losses stay on the device until a row or a save needs
@@ -466,12 +478,12 @@ class Log:
     def __init__(self, out, start, args, saved=None):
         self.path, self.args, self.start, self.saved_step = out / "log.jsonl", args, start, start or None
         if start and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start]
+            rows = [line for line in self.path.read_text().splitlines() if logged_step(line) <= start]
             write_atomic(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in rows)))
         self.file = open(self.path, "a")
         self.pending, self.losses = [], list(saved["losses"]) if saved else []
         self.time, self.t0 = (saved["time"] if saved else 0.0), time.time()
-        self.cuda, self.peak = torch.device(args.device).type == "cuda", 0.0
+        self.device, self.peak = torch.device(args.device), 0.0
         self.reset_peak()
 
     def elapsed(self):
@@ -509,17 +521,18 @@ class Log:
         return SystemExit(f"train.py: error: {what}; stopped, {last}{hint}")
 
     def note_peak(self):
-        if self.cuda:
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**30)
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) / 2**30)
 
     def reset_peak(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def summary(self, steps):
         seconds = time.time() - self.t0
         self.note_peak()
-        memory = f", peak GPU memory {self.peak:.1f} GiB in the steps (previews not counted)" if self.cuda else ""
+        memory = f", peak GPU memory {self.peak:.1f} GiB in the steps (previews not counted)" \
+            if self.device.type == "cuda" else ""
         print(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s{memory})")
 
     def close(self):
@@ -581,6 +594,8 @@ def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
             if stop:
                 print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
                 raise SystemExit(130)
+    except OSError as e:  # writing the log or a preview: a full disk, say
+        raise log.stop(f"writing in {out} failed at step {step} ({e.strerror or e})") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()

@@ -14,12 +14,12 @@ class AdamW:
 
     torch's AdamW with weight decay 0.01 (its default, as in the DreamBooth seed), fused: one kernel per update, on
     CUDA and on the CPU. Its learning rate is one tensor that every param group shares, so that set_lr is one write
-    on the device and a CUDA graph's recorded update reads the new value; on CUDA it also keeps its step count on
-    the device (capturable), so nothing in an update reads a value on the host."""
+    on the device and a CUDA graph's recorded update reads the new value; `capturable` (for a CUDA graph) keeps its
+    step count on the device too, so that nothing in an update reads a value on the host."""
 
-    def __init__(self, groups, lr, device):
-        self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
-        self.optimizers = [torch.optim.AdamW(group, lr=self.lr, fused=True, capturable=device.type == "cuda")
+    def __init__(self, groups, lr, device, capturable=False):
+        self.lr, self.capturable = torch.tensor(lr, dtype=torch.float32, device=device), capturable
+        self.optimizers = [torch.optim.AdamW(group, lr=self.lr, fused=True, capturable=capturable)
                            for group in groups]
 
     def set_lr(self, lr):
@@ -37,8 +37,8 @@ class AdamW:
             raise ValueError(f"it holds {len(state['optimizers'])} optimizer states, not {len(self.optimizers)}")
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr  # loading replaced it with the saved value
+            for group in optimizer.param_groups:  # loading replaced these with the saved run's
+                group["lr"], group["capturable"] = self.lr, self.capturable
             for param, moments in optimizer.state.items():  # in the weight's memory layout, which fused AdamW needs
                 for key, value in moments.items():  # (saved on the CPU in NCHW, resumed on CUDA in channels_last)
                     if value.shape == param.shape:
@@ -49,8 +49,8 @@ class AdamWAfterBackward(AdamW):
     """The plain way: backward fills every gradient, then one AdamW updates all the weights. Clipping the gradient
     norm needs this way (it needs the whole gradient first), and so does fp16's loss scaling (it may skip a step)."""
 
-    def __init__(self, params, lr, device, clip_grad=0.0, fp16=False):
-        super().__init__([params], lr, device)
+    def __init__(self, params, lr, device, clip_grad=0.0, fp16=False, capturable=False):
+        super().__init__([params], lr, device, capturable)
         self.params, self.clip_grad = params, clip_grad
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
@@ -91,8 +91,8 @@ class AdamWInBackward(AdamW):
     any time instead of a full copy of the weights (3.4 GB for the SD UNet in fp32), and the weights come out
     the same as stepping after backward, because AdamW updates each parameter from its own gradient alone."""
 
-    def __init__(self, groups, lr, device):
-        super().__init__(groups, lr, device)
+    def __init__(self, groups, lr, device, capturable=False):
+        super().__init__(groups, lr, device, capturable)
         self.sizes = [len(group) for group in groups]
         self.waiting = list(self.sizes)
         for i, group in enumerate(groups):
@@ -139,26 +139,35 @@ class CUDAGraph:
     def __call__(self, *inputs):
         if self.failed:
             return self.fn(*inputs)
-        if self.graph is None and self.warmup:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                output = self.fn(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return output
-        if self.graph is None:
-            self.inputs, self.graph = inputs, torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(self.graph):
-                    self.output = self.fn(*self.inputs)
-            except RuntimeError as e:
-                self.failed = True
-                if self.on_failure:
-                    self.on_failure(str(e).splitlines()[0] if str(e) else type(e).__name__)
-                return self.fn(*inputs)
-        else:
-            for recorded, value in zip(self.inputs, inputs):
-                recorded.copy_(value)
-        self.graph.replay()
-        return self.output.clone()
+        with torch.cuda.device(inputs[0].device):  # streams and the graph on the inputs' GPU, not the current one
+            if self.graph is None and self.warmup:
+                self.warmup -= 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    output = self.fn(*inputs)
+                torch.cuda.current_stream().wait_stream(side)
+                return output
+            if self.graph is None:
+                if not self.record(inputs):
+                    return self.fn(*inputs)
+            else:
+                for recorded, value in zip(self.inputs, inputs):
+                    recorded.copy_(value)
+            self.graph.replay()
+            return self.output.clone()
+
+    def record(self, inputs):
+        """Record fn on the inputs; nothing runs. False if the recording failed, and fn runs eagerly from then on."""
+        stream, self.inputs, self.graph = torch.cuda.current_stream(), inputs, torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.output = self.fn(*self.inputs)
+            return True
+        except RuntimeError as e:
+            torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
+            self.failed, self.graph, self.inputs = True, None, None  # and its memory pool goes with the graph
+            torch.cuda.empty_cache()
+            if self.on_failure:
+                self.on_failure(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return False

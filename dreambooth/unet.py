@@ -285,7 +285,9 @@ class UNetModel(nn.Module):
     def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
              upsample_size: torch.Size | None = None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
+            # preserve_rng_state=False: nothing here is random, and saving CUDA's RNG state cannot be captured in a
+            # CUDA graph (torch < 2.10)
+            return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False, preserve_rng_state=False)
         return block(h, emb, context, upsample_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

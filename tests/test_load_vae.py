@@ -100,3 +100,16 @@ def test_make_prior_records_the_vae(tmp_path):
     record = json.loads((tmp_path / "prior" / "manifest.jsonl").read_text())
     assert record["vae"] == "other.safetensors"
     assert Image.open(tmp_path / "prior" / "00000.png").text["parameters"].endswith("VAE: other.safetensors")
+
+
+def test_make_prior_refuses_to_mix_vaes(tmp_path):
+    """A folder begun with --vae is not continued without it, nor one begun without it with a --vae."""
+    save_file({k: v.contiguous() for k, v in other_vae().state_dict().items()}, tmp_path / "other.safetensors")
+    flags = ["--class", "dog", "--ddim_steps", "2", "--ckpt", "tiny", "--batch-size", "1"]
+    vae = str(tmp_path / "other.safetensors")
+    make_prior.main(flags + ["--num", "1", "--outdir", str(tmp_path / "a"), "--vae", vae])
+    with pytest.raises(SystemExit, match=r"holds images made with vae 'other\.safetensors', not None"):
+        make_prior.main(flags + ["--num", "2", "--outdir", str(tmp_path / "a")])
+    make_prior.main(flags + ["--num", "1", "--outdir", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match=r"holds images made with vae None, not 'other\.safetensors'"):
+        make_prior.main(flags + ["--num", "2", "--outdir", str(tmp_path / "b"), "--vae", vae])

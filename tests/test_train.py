@@ -1,5 +1,6 @@
 """train.py on the tiny model, on the CPU: eq. 2, learning, the files of a run, exact resume, the optimizer stepped
 inside backward, Ctrl-C, a non-finite loss, and the messages for bad input."""
+import contextlib
 import json
 import os
 import shutil
@@ -289,6 +290,24 @@ def test_after_a_crash_the_resumed_log_reads_as_one_run(photos, tmp_path):
     assert [row["time"] for row in rows] == sorted(row["time"] for row in rows)
 
 
+def test_resume_drops_a_log_row_cut_short(photos, tmp_path):
+    out = tmp_path / "run"
+    run(photos, out, "--steps", "2", "--log-every", "1")
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')  # the machine died while this row was written
+    train.main(["--resume", str(out), "--steps", "3"])
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_failed_log_or_preview_write_is_one_line(photos, tmp_path):
+    out = tmp_path / "run"
+    run(photos, out, "--steps", "1")
+    (out / "samples").write_text("a file where the previews' folder goes")
+    with pytest.raises(SystemExit, match=r"writing in .*run failed at step 2 \(File exists\); stopped, the last "
+                                         r"good save \(step 1\)"):
+        train.main(["--resume", str(out), "--steps", "2", "--sample-every", "1", "--sample-steps", "2"])
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_save(photos, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(photos, out, "--steps", "2", "--save-every", "1")
@@ -333,6 +352,10 @@ def test_a_failed_recording_goes_on_eagerly(photos, monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", refuse)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # CUDA's stream API, on a CPU
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "the stream before")
+    streams = []
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
     sd_graph, graphed = make_step(photos, "--lr", "1e-3")
     graphed.compute = speed.CUDAGraph(graphed.learn, 0, graphed.recording_failed)  # what --cuda-graph makes on CUDA
     sd_eager, eager = make_step(photos, "--lr", "1e-3")
@@ -340,6 +363,7 @@ def test_a_failed_recording_goes_on_eagerly(photos, monkeypatch, capsys):
     for _ in range(3):
         assert torch.equal(graphed(g_graph), eager(g_eager))
     assert "recording the CUDA graph failed (operation not permitted" in capsys.readouterr().out
+    assert streams == ["the stream before"] and graphed.compute.graph is None  # the failed recording is let go
     assert all(torch.equal(a, b) for a, b in zip(sd_graph.unet.parameters(), sd_eager.unet.parameters()))
 
 
@@ -364,7 +388,8 @@ def test_cuda_graph_trains_as_eager(photos, tmp_path, checkpointing, capsys):
     run(photos, tmp_path / "graph", *flags)
     run(photos, tmp_path / "resumed", "--steps", "4", *flags[2:])
     train.main(["--resume", str(tmp_path / "resumed"), "--steps", "8"])
-    assert "one CUDA graph" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "one CUDA graph" in printed and "recording the CUDA graph failed" not in printed
     start = dreambooth.load("tiny").unet.state_dict()
     eager, graph, resumed = (weights(tmp_path / name) for name in ("eager", "graph", "resumed"))
     moved, differ = mean_difference(eager, start), mean_difference(graph, eager)
