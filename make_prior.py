@@ -82,17 +82,17 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
     if text and not text.endswith("\n"):  # the run stopped while appending this line
         lines.pop()
         write_atomic(manifest, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
-    done = set()
+    done, keys = set(), {*settings, "vae"}  # "vae" is recorded only when --vae was given
     for n, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
             index = int(Path(record["file"]).stem)
-            recorded = {key: record.get(key) for key in {*settings, "vae"}} | {"seed": record["seed"] - index}
+            recorded = {key: record.get(key) for key in keys} | {"seed": record["seed"] - index}
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"make_prior.py: error: {manifest} line {n} is not a manifest record ({e})") from None
-        for key in {*settings, "vae"}:  # "vae" is recorded only when --vae was given
+        for key in keys:
             value = settings.get(key)
-            if recorded.get(key) != value:
+            if recorded[key] != value:
                 raise SystemExit(f"make_prior.py: error: {outdir} holds images made with {key} {recorded[key]!r}, "
                                  f"not {value!r}; choose another --outdir or empty the folder")
         if (outdir / record["file"]).is_file():

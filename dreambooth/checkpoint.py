@@ -106,9 +106,7 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
     keys = list(state)
     if any(k.startswith(UNET) for k in keys):
         raise CheckpointError(f"{path} is a full SD model ({UNET}* keys), not a VAE")
-    if any("lora" in k.lower() for k in keys) or any("down_blocks." in k or "mid_block." in k for k in keys):
-        raise CheckpointError(f"{path} is a LoRA or a diffusers-format file (keys like {keys[0]}), not a VAE in the "
-                              "original layout")
+    _check_layout(path, keys, "a VAE")
     if any(k.startswith(("cond_stage_model.", "text_model.")) for k in keys):
         raise CheckpointError(f"{path} is a text encoder (keys like {keys[0]}), not a VAE")
     prefix = VAE if any(k.startswith(VAE) for k in keys) else ""
@@ -240,17 +238,12 @@ def _state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
 def _check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
     """One-line errors for the checkpoints people most often mistake for an SD v1 one."""
     keys = list(state)
-    if any("lora" in k.lower() for k in keys):
-        raise CheckpointError(f"{path} is a LoRA (keys like {next(k for k in keys if 'lora' in k.lower())}), "
-                              "not a full SD v1 model")
+    _check_layout(path, keys, "a full SD v1 model")
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise CheckpointError(f"{path} is an SDXL model (conditioner.embedders.*); only SD v1 is supported")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise CheckpointError(f"{path} is an SD 2.x model (OpenCLIP text encoder, cond_stage_model.model.*); "
                               "only SD v1 is supported")
-    if any("down_blocks." in k or "mid_block." in k for k in keys):
-        raise CheckpointError(f"{path} is in diffusers format (keys like down_blocks.*); "
-                              "load a file in the original CompVis layout")
     stem = state.get(UNET + "input_blocks.0.0.weight")
     if stem is None:
         if any(k.startswith(("encoder.", "decoder.", VAE)) for k in keys):
@@ -262,6 +255,16 @@ def _check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
     to_k = next((v for k, v in state.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
     if to_k is not None and to_k.shape[-1] == 1024:
         raise CheckpointError(f"{path} is an SD 2.x model (1024-dim text context); only SD v1 (768) is supported")
+
+
+def _check_layout(path: Path, keys: list[str], wanted: str) -> None:
+    """One-line errors for a LoRA or a diffusers-format file given where `wanted` (a full model, a VAE) is."""
+    lora = next((k for k in keys if "lora" in k.lower()), None)
+    if lora:
+        raise CheckpointError(f"{path} is a LoRA (keys like {lora}), not {wanted}")
+    if any("down_blocks." in k or "mid_block." in k for k in keys):
+        raise CheckpointError(f"{path} is in diffusers format (keys like down_blocks.*); "
+                              "load a file in the original CompVis layout")
 
 
 def _split(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
