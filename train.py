@@ -39,11 +39,11 @@ from safetensors import SafetensorError  # noqa: E402
 import cli  # noqa: E402
 import dreambooth  # noqa: E402
 from dreambooth import speed  # noqa: E402
+from dreambooth.data import Photos, encode_posteriors  # noqa: E402
 from dreambooth.ddim import add_noise  # noqa: E402
 from dreambooth.files import write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
-from dreambooth.vae import LATENT_SCALE  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings. Defaults follow the seed (the original DreamBooth fine-tuning of sd-v1-4): lr 1e-6, 800 steps, batch 1 + 1.
@@ -153,60 +153,6 @@ def dreambooth_loss(unet, latents, context, noise, t, alphas_cumprod, n_instance
     loss_instance = F.mse_loss(eps[:n_instance], noise[:n_instance])
     loss_prior = F.mse_loss(eps[n_instance:], noise[n_instance:]) if len(eps) > n_instance else eps.new_zeros(())
     return loss_instance + prior_weight * loss_prior, loss_instance, loss_prior
-
-
-@torch.no_grad()
-def encode_posteriors(vae, images, device, chunk=4):
-    """The VAE posterior q(z|x) = N(mean, exp(logvar)) of each image and of its mirror image, computed once.
-    images [N, 3, R, R] in [-1, 1] -> [N, 2 (flip), 8 (mean, logvar), R/8, R/8]."""
-    out = []
-    for x in images.split(chunk):
-        x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1).to(device)  # (2n, 3, R, R): image, mirror, ...
-        out.append(torch.cat(vae.encode(x), dim=1).unflatten(0, (-1, 2)))
-    return torch.cat(out)
-
-
-def sample_latents(posterior, generator):
-    """z ~ N(mean, exp(logvar)), scaled to the UNet's latent range. posterior [B, 8, h, w] -> [B, 4, h, w]."""
-    mean, logvar = posterior.chunk(2, dim=1)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-    return (mean + torch.exp(0.5 * logvar) * noise) * LATENT_SCALE
-
-
-@dataclass
-class Photos:
-    """What a step draws from: the photos' VAE posteriors, cached by encode_posteriors, or with --no-cache the photos
-    themselves and the VAE that encodes them at every step. Rows [0, n_instance) are the subject's photos, the rest
-    the prior's."""
-    posteriors: torch.Tensor | None  # [N, 2 (flip), 8, h, w]
-    images: torch.Tensor | None      # [N, 3, R, R], with --no-cache
-    vae: torch.nn.Module | None      # with --no-cache
-    n_instance: int
-    n_prior: int
-    batch_size: int                  # subject photos per step, and as many prior images if there are any
-    timesteps: int = 1000            # t is drawn from [0, timesteps)
-    memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
-
-    def draw(self, generator):
-        """The random part of a step, in a fixed order: which photos (batch_size of the subject's, as many of the
-        prior's), their horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise.
-        Returns (latents, t, noise)."""
-        device = generator.device
-        idx = torch.randint(self.n_instance, (self.batch_size,), generator=generator, device=device)
-        if self.n_prior:
-            prior_idx = torch.randint(self.n_prior, (self.batch_size,), generator=generator, device=device)
-            idx = torch.cat([idx, self.n_instance + prior_idx])
-        flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
-        if self.posteriors is None:
-            x = torch.where(flip.view(-1, 1, 1, 1).bool(), self.images[idx].flip(-1), self.images[idx])
-            with torch.no_grad():
-                latents = sample_latents(torch.cat(self.vae.encode(x), dim=1), generator)
-        else:
-            latents = sample_latents(self.posteriors[idx, flip], generator)
-        t = torch.randint(self.timesteps, (len(idx),), generator=generator, device=device)
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        layout = self.memory_format
-        return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout)
 
 
 def autocast(args):
@@ -408,7 +354,7 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     else:
         optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device, capturable=not eager)
     photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, n_prior, args.batch_size,
-                    len(sd.alphas_cumprod), memory_format)
+                    sd.latent_scale, len(sd.alphas_cumprod), memory_format)
     step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
                      sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), cuda_graph=not eager)
     print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "

@@ -34,7 +34,7 @@ from .files import write_atomic
 from .stable_diffusion import StableDiffusion
 from .tokenizer import Tokenizer
 from .unet import UNetConfig, UNetModel
-from .vae import AutoencoderKL, VAEConfig
+from .vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -89,7 +89,8 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     clip_cfg = _config(CLIPConfig, parts[CLIP], "embeddings.token_embedding.weight", 1, "width")
     text_encoder = _assign(path, _build(CLIPTextModel, clip_cfg), parts[CLIP], lambda k: CLIP + k, device, dtype)
     return StableDiffusion(Tokenizer(), text_encoder, unet, vae, sd_alphas_cumprod().to(device),
-                           name=path.name, resolution=64 if unet_cfg == UNetConfig.tiny() else 512)
+                           name=path.name, resolution=64 if unet_cfg == UNetConfig.tiny() else 512,
+                           latent_scale=float(_metadata(path).get("latent_scale", LATENT_SCALE)))
 
 
 # Keys of published VAE files that load_vae reads past on purpose: LitEma's bookkeeping (the EMA weights themselves
@@ -118,9 +119,10 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
     return _assign(path, _build(AutoencoderKL, cfg), weights, lambda k: prefix + k, device, dtype)
 
 
-def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16) -> None:
+def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, metadata: dict | None = None) -> None:
     """Write `sd` as a .safetensors file in the original CompVis layout, atomically (files.write_atomic).
-    Weights are cast to `dtype`; the schedule buffers stay float32."""
+    Weights are cast to `dtype`; the schedule buffers stay float32. The file's metadata holds the latent scale
+    (load reads it back) and the strings in `metadata`."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save: {path} must end in .safetensors (the only format save writes)")
@@ -131,7 +133,8 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16) -> N
         for key, t in model.state_dict().items():
             tensors[prefix + key] = t.detach().to("cpu", dtype, copy=True).contiguous()
     tensors.update(schedule_buffers(sd.alphas_cumprod))
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", "latent_scale": repr(sd.latent_scale), **(metadata or {})}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def schedule_buffers(alphas_cumprod: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -191,6 +194,14 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is truncated or corrupt (not a zip archive as torch.save writes)")
     return _state_dict(path, _unpickle(path))
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's string metadata (a .ckpt has none)."""
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
 
 
 def _unpickle(path: Path):

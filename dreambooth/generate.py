@@ -17,7 +17,6 @@ from .ddim import ddim_sample, guided_eps_fn
 from .images import to_pil
 from .speed import CUDAGraph
 from .stable_diffusion import StableDiffusion
-from .vae import LATENT_SCALE
 
 
 @torch.no_grad()
@@ -59,5 +58,5 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
             eps_fn = lambda x, t: graph(x, torch.full((), t, device=x.device))  # noqa: E731 (t: a recorded input)
         latents = ddim_sample(eps_fn, latents, sd.alphas_cumprod, steps, eta, generators, progress)
         vae_dtype = next(sd.vae.parameters()).dtype
-        images = sd.vae.decode((latents / LATENT_SCALE).to(vae_dtype), slice_size)  # the VAE works unscaled
+        images = sd.vae.decode((latents / sd.latent_scale).to(vae_dtype), slice_size)  # the VAE works unscaled
     return [to_pil(img) for img in images]

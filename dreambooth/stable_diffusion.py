@@ -13,7 +13,7 @@ import torch
 from .clip import CLIPTextModel
 from .tokenizer import Tokenizer
 from .unet import UNetModel
-from .vae import AutoencoderKL
+from .vae import LATENT_SCALE, AutoencoderKL
 
 
 @dataclass
@@ -25,6 +25,7 @@ class StableDiffusion:
     alphas_cumprod: torch.Tensor  # [1000] float32
     name: str = "tiny"            # file name (or "tiny"), written into image metadata
     resolution: int = 512         # native image size: 512 for SD v1, small for the tiny model
+    latent_scale: float = LATENT_SCALE  # the UNet sees VAE latents times this (vae.py); the toy model has its own
 
     def to(self, device=None, dtype=None):
         for m in (self.text_encoder, self.unet, self.vae):

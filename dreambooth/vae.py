@@ -6,8 +6,9 @@ into an image. Module names and nesting are those of the sd-v1-4 checkpoint unde
 'first_stage_model.' (`encoder.down.0.block.1.conv2`, `decoder.up.3.upsample.conv`,
 `encoder.mid.attn_1.q`), so loading is "strip the prefix, strict load_state_dict".
 
-Latents here are unscaled. The UNet was trained on latents multiplied by LATENT_SCALE; callers
-apply it (x LATENT_SCALE after encode, / LATENT_SCALE before decode).
+Latents here are unscaled. The UNet was trained on latents multiplied by a latent scale, the model's
+(StableDiffusion.latent_scale: SD v1's LATENT_SCALE, or the toy model's own); callers apply it
+(x scale after encode, / scale before decode).
 """
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 # Rescales the latents to roughly unit variance for the diffusion model: 1 / std of the latents
 # of the first training batch (Rombach et al. 2022, sec. 4.3.2 and appendix G; the `scale_factor`
-# in the SD v1 config).
+# in the SD v1 config). A file of ours may carry another in its metadata (checkpoint.py).
 LATENT_SCALE = 0.18215
 
 

@@ -26,9 +26,10 @@ import torch
 
 from dreambooth.checkpoint import CLIP, UNET, VAE
 from dreambooth.clip import CLIPConfig
+from dreambooth.data import Photos
 from dreambooth.tokenizer import VOCAB_FILE
 from dreambooth.unet import UNetConfig
-from dreambooth.vae import VAEConfig
+from dreambooth.vae import LATENT_SCALE, VAEConfig
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
@@ -69,12 +70,10 @@ def random_model(cls, cfg, device="cpu", seed: int = 0, dtype=torch.float32):
 def random_photos(side: int, device, seed: int = 0):
     """train.py's cache for 1 subject + 1 prior photo, with random numbers: the VAE posteriors (mean, logvar) of each
     photo and its mirror image, [2, 2, 8, side, side], logvar around -8 (posterior sigmas ~0.02, like a real VAE's),
-    in the train.Photos that a step draws its batches from."""
-    import train
-
+    in the data.Photos that a step draws its batches from (SD v1's latent scale)."""
     posteriors = torch.randn(2, 2, 8, side, side, generator=torch.Generator().manual_seed(seed))
     posteriors[:, :, 4:] -= 8
-    return train.Photos(posteriors.to(device), None, None, n_instance=1, n_prior=1, batch_size=1)
+    return Photos(posteriors.to(device), None, None, n_instance=1, n_prior=1, batch_size=1, latent_scale=LATENT_SCALE)
 
 
 # ---- the reference models, holding our weights -----------------------------------------------------------------

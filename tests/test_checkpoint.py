@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dreambooth
@@ -95,6 +96,22 @@ def test_round_trip_is_identical_at_saved_dtype(tiny_file, tmp_path):
         assert torch.equal(x, y), key
     assert torch.equal(state_of(first)[UNET + "out.2.weight"],
                        state_of(dreambooth.load("tiny"))[UNET + "out.2.weight"].half().float())
+
+
+def test_latent_scale_and_metadata_travel_in_the_file(tmp_path):
+    """A model's own latent scale (the toy model's is not SD's 0.18215) is written to the file and read back; files
+    without one (every published SD v1 file) get SD's."""
+    sd = dreambooth.load("tiny")
+    assert sd.latent_scale == 0.18215
+    sd.latent_scale = 0.3817
+    path = tmp_path / "scaled.safetensors"
+    dreambooth.save(sd, path, metadata={"made_by": "a test"})
+    assert dreambooth.load(path).latent_scale == 0.3817
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["made_by"] == "a test"
+    ckpt = tmp_path / "scaled.ckpt"
+    torch.save({"state_dict": load_file(path)}, ckpt)
+    assert dreambooth.load(ckpt).latent_scale == 0.18215
 
 
 def test_save_writes_compvis_schedule_and_fp16(tiny_file):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import dreambooth
-import train
 from dreambooth import vae as vae_module
+from dreambooth.data import encode_posteriors, sample_latents
 from dreambooth.generate import generate
 from dreambooth.images import to_pil
 from dreambooth.vae import AutoencoderKL, VAEConfig
@@ -52,15 +52,17 @@ def full_pair():
 
 @torch.no_grad()
 def test_generate_decodes_the_latents_training_learns_from(monkeypatch):
-    """train.py feeds the UNet the VAE's latents times LATENT_SCALE, and generate() divides the sampler's latents by
-    it before decoding: the two must undo each other. A sampler that returns exactly the latent a training step drew
-    from a photo's posterior must give the VAE's own decoding of that photo's latent."""
+    """train.py feeds the UNet the VAE's latents times the model's latent scale, and generate() divides the sampler's
+    latents by it before decoding: the two must undo each other. A sampler that returns exactly the latent a training
+    step drew from a photo's posterior must give the VAE's own decoding of that photo's latent. The scale is the
+    model's (the toy model has its own), not SD's 0.18215."""
     sd = dreambooth.load("tiny")
+    sd.latent_scale = 0.4
     random_weights_(sd.vae, seed=4)
     photo = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    posterior = train.encode_posteriors(sd.vae, photo, "cpu")[:, 0]  # not mirrored: [1, 8 (mean, logvar), 8, 8]
+    posterior = encode_posteriors(sd.vae, photo, "cpu")[:, 0]  # not mirrored: [1, 8 (mean, logvar), 8, 8]
     posterior[:, 4:] = -30  # sigma 3e-7: the drawn latent is the mean
-    latents = train.sample_latents(posterior, torch.Generator().manual_seed(6))
+    latents = sample_latents(posterior, torch.Generator().manual_seed(6), sd.latent_scale)
     monkeypatch.setattr("dreambooth.generate.ddim_sample", lambda *args: latents)  # the sampler's result
     image = np.asarray(generate(sd, ["a photo"], [0], steps=1, progress=False)[0], np.int16)
     expected = np.asarray(to_pil(sd.vae.decode(posterior[:, :4])[0]), np.int16)
