@@ -21,11 +21,9 @@ in dreambooth/speed.py.
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +42,7 @@ from dreambooth.ddim import add_noise  # noqa: E402
 from dreambooth.files import write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
+from dreambooth.runlog import Log, Stopped  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings. Defaults follow the seed (the original DreamBooth fine-tuning of sd-v1-4): lr 1e-6, 800 steps, batch 1 + 1.
@@ -283,13 +282,6 @@ def set_rng_state(state, generator):
     generator.set_state(state["data"])
 
 
-def save_checkpoint(out, sd, trained, optimizer, step, args, generator, log):
-    dreambooth.save(sd, out / "model.safetensors")  # fp16, original CompVis key layout; atomic
-    state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
-             **optimizer.state_dict(), "rng": rng_state(generator), "log": log.state()}
-    write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Setup: the photos and the model, then the step as main() runs it (benchmarks/gpu.py sets it up the same way).
 
@@ -396,9 +388,12 @@ def main(argv=None):
     print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
           f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {n_prior} prior images at "
           f"{args.resolution} px; run folder {out}")
-    log = Log(out, start, args, state.get("log") if state else None)
+    log = Log(out, start, args.steps, device, state.get("log") if state else None, plain_lines=not cli.interactive())
     del state
-    train(args, sd, preview_sd, step, optimizer, trained, generator, log)
+    try:
+        train(args, sd, preview_sd, step, optimizer, trained, generator, log)
+    except Stopped as e:
+        raise SystemExit(f"train.py: error: {e}") from None
 
 
 def lr_at(step, args):
@@ -406,102 +401,22 @@ def lr_at(step, args):
     return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
 
 
-def logged_step(line):
-    """The step of a log.jsonl row; infinity for a row cut short by a crash, so that it is dropped."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-class Log:
-    """log.jsonl: a row every --log-every steps (and at the last step) with the mean losses since the last row, the
-    learning rate and the run's training time so far. The losses stay on the device until a row or a save needs
-    them, so no step waits for the GPU; a non-finite loss stops the run before anything is saved. After --resume
-    the file reads as one run: rows past the saved step (written before a crash) are dropped, and the losses since
-    the last row and the time come back from the train state. Also the steps' peak GPU memory."""
-
-    def __init__(self, out, start, args, saved=None):
-        self.path, self.args, self.start, self.saved_step = out / "log.jsonl", args, start, start or None
-        if start and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if logged_step(line) <= start]
-            write_atomic(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in rows)))
-        self.file = open(self.path, "a")
-        self.pending, self.losses = [], list(saved["losses"]) if saved else []
-        self.time, self.t0 = (saved["time"] if saved else 0.0), time.time()
-        self.device, self.peak = torch.device(args.device), 0.0
-        self.reset_peak()
-
-    def elapsed(self):
-        return self.time + time.time() - self.t0
-
-    def check(self, step):
-        """Read the losses of the steps since the last check; stop at a non-finite one."""
-        values = torch.stack(self.pending).tolist() if self.pending else []
-        for k, (loss, *_) in enumerate(values):
-            if not math.isfinite(loss):
-                raise self.stop(f"loss is {loss} at step {step - len(values) + k + 1}", diverged=True)
-        self.losses += values
-        self.pending.clear()
-
-    def write(self, step):
-        self.check(step)
-        loss, loss_instance, loss_prior = (sum(column) / len(self.losses) for column in zip(*self.losses))
-        self.file.write(json.dumps({"step": step, "loss": loss, "loss_instance": loss_instance,
-                                    "loss_prior": loss_prior, "lr": lr_at(step, self.args),
-                                    "time": round(self.elapsed(), 3)}) + "\n")
-        self.file.flush()
-        self.losses = []
-        if not cli.interactive():  # no progress bar in a log file: a plain line instead
-            rate = (step - self.start) / (time.time() - self.t0)
-            print(f"step {step}/{self.args.steps}: loss {loss:.4f}, {rate:.2f} steps/s", flush=True)
-        return loss
-
-    def state(self):
-        return {"losses": self.losses, "time": self.elapsed()}
-
-    def stop(self, what, diverged=False):
-        last = f"the last good save (step {self.saved_step}) is in {self.args.out}" if self.saved_step else \
-            "nothing was saved"
-        hint = ". Try a lower --lr or --precision fp32" if diverged else ""
-        return SystemExit(f"train.py: error: {what}; stopped, {last}{hint}")
-
-    def note_peak(self):
-        if self.device.type == "cuda":
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) / 2**30)
-
-    def reset_peak(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def summary(self, steps):
-        seconds = time.time() - self.t0
-        self.note_peak()
-        memory = f", peak GPU memory {self.peak:.1f} GiB in the steps (previews not counted)" \
-            if self.device.type == "cuda" else ""
-        print(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s{memory})")
-
-    def close(self):
-        self.file.close()
-
-
 def save(out, sd, trained, optimizer, step, args, generator, log):
-    """save_checkpoint, with a full disk or any failed write said in one line: nothing is lost, the previous
-    save stays as it was."""
+    """model.safetensors (fp16, the original CompVis key layout), then train_state.pt, each written atomically, so a
+    failed write (a full disk, said in one line) loses nothing: the previous save stays as it was."""
+    state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
+             **optimizer.state_dict(), "rng": rng_state(generator), "log": log.state()}
     try:
-        save_checkpoint(out, sd, trained, optimizer, step, args, generator, log)
+        dreambooth.save(sd, out / "model.safetensors")
+        write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError, SafetensorError) as e:
         params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
         trained_params = sum(p.numel() for m in trained.values() for p in m.parameters())
         need, free = 2 * params + 12 * trained_params, shutil.disk_usage(out).free  # fp16 model; fp32 weights, moments
-        why = f"{size(free)} free in {out}, and a save needs about {size(need)}" if free < need else \
+        why = f"{free / 1e6:.0f} MB free in {out}, and a save needs about {need / 1e6:.0f} MB" if free < need else \
             (str(e).splitlines() or [type(e).__name__])[0]
         raise log.stop(f"saving step {step} failed: {why}") from None
     log.saved_step = step
-
-
-def size(n_bytes):
-    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
 
 
 def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
@@ -527,11 +442,10 @@ def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
             sample_now = args.sample_every and (step % args.sample_every == 0 or step == args.steps)
             save_now = (args.save_every and step % args.save_every == 0) or step == args.steps or stop
             if step % args.log_every == 0 or step == args.steps:
-                bar.set_postfix(loss=f"{log.write(step):.4f}")
+                bar.set_postfix(loss=f"{log.write(step, lr_at(step, args)):.4f}")
             if sample_now:
-                log.note_peak()  # the steps' peak memory, before the preview's
-                preview(preview_sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png")
-                log.reset_peak()
+                with log.peak_not_counted():
+                    preview(preview_sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png")
             if save_now:
                 log.check(step)
                 if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):
