@@ -270,18 +270,6 @@ def preview(sd, prompts, seeds, args, path):
     save_png(image_grid(images, cols=len(images)), path, parameters)
 
 
-def rng_state(generator):
-    return {"torch": torch.get_rng_state(), "data": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["data"])
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Setup: the photos and the model, then the step as main() runs it (benchmarks/gpu.py sets it up the same way).
 
@@ -364,7 +352,6 @@ def main(argv=None):
     if not args.resume and out.exists() and any(out.iterdir()):
         raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
                          "choose another folder, or continue that run with --resume")
-    torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, n_instance, n_prior = load_model_and_photos(args, device)
     preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
@@ -379,7 +366,7 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"train.py: error: --resume {args.resume}: {e}; keep the run's --precision, --clip-grad "
                              "and --no-step-in-backward, which decide whether the optimizer steps inside backward")
-        set_rng_state(state["rng"], generator)
+        generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
         start = state["step"]
     if start >= args.steps:
         print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
@@ -405,7 +392,7 @@ def save(out, sd, trained, optimizer, step, args, generator, log):
     """model.safetensors (fp16, the original CompVis key layout), then train_state.pt, each written atomically, so a
     failed write (a full disk, said in one line) loses nothing: the previous save stays as it was."""
     state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
-             **optimizer.state_dict(), "rng": rng_state(generator), "log": log.state()}
+             **optimizer.state_dict(), "data_rng": generator.get_state(), "log": log.state()}
     try:
         dreambooth.save(sd, out / "model.safetensors")
         write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
