@@ -52,7 +52,43 @@ def check_sampling_flags(p, args):
             p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
     if not 1 <= args.ddim_steps <= 999:
         p.error(f"--ddim_steps {args.ddim_steps}: must be from 1 to 999 (the model was trained on 1000 timesteps)")
+    for path, _ in args.lora or []:
+        if not Path(path).is_file():
+            p.error(f"--lora {path}: no such file")
     check_model_flags(p, args)
+
+
+def add_lora_flag(p):
+    p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_and_scale,
+                   help="a LoRA file (kohya's format, e.g. a run's lora.safetensors) merged into the model at SCALE "
+                        "(default 1.0) before sampling; repeatable")
+
+
+def lora_and_scale(value):
+    """--lora FILE or FILE:SCALE -> (FILE, SCALE). A colon not followed by a number belongs to the file's name."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
+
+
+def load_model(args, program):
+    """The model of --ckpt (default_checkpoint if not given), with --ema, each --lora merged in at its scale, and
+    the VAE of --vae; bad input stops the program with one line naming the file."""
+    args.ckpt = args.ckpt or default_checkpoint(program)
+    try:
+        sd = dreambooth.load(args.ckpt, device=args.device, ema=getattr(args, "ema", False))
+        for path, scale in args.lora or []:
+            dreambooth.load_lora(sd, path, scale)
+    except ValueError as e:
+        raise SystemExit(f"{program}: error: {e}") from None
+    return with_vae(sd, args.vae, program) if args.vae else sd
+
+
+def with_loras(prompt, loras):
+    """The prompt as A1111 writes it into PNG info when LoRAs were used: "photo of a dog <lora:name:0.8>"."""
+    return prompt + "".join(f" <lora:{model_name(path)}:{scale:g}>" for path, scale in loras or [])
 
 
 def default_checkpoint(program):
@@ -74,10 +110,12 @@ def with_vae(sd, path, program, device=None):
 
 
 def model_name(ckpt):
-    """What image metadata calls the model: the file's name without its suffix, or for a run's model.safetensors
-    the run folder's name (runs/dog-20261126/model.safetensors -> dog-20261126)."""
+    """What image metadata calls a model or LoRA: the file's name without its suffix, or for a run's
+    model.safetensors or lora.safetensors the run folder's name (runs/dog-20261126/model.safetensors ->
+    dog-20261126; copy a run's LoRA into A1111 under that name and <lora:dog-20261126:1> finds it)."""
     path = Path(ckpt)
-    return path.parent.name if path.name == "model.safetensors" and path.parent.name else path.stem
+    run_file = path.name in ("model.safetensors", "lora.safetensors") and path.parent.name
+    return path.parent.name if run_file else path.stem
 
 
 def note_long_prompts(tokenizer, prompts):

@@ -24,7 +24,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
 
 import cli  # noqa: E402
-import dreambooth  # noqa: E402
 from dreambooth.files import write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, save_png  # noqa: E402
@@ -50,6 +49,7 @@ def parse_args(argv=None):
                                   "else the built-in tiny model (also --ckpt tiny)")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
                                                  "e.g. vae-ft-mse-840000-ema-pruned")
+    cli.add_lora_flag(p)
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
     p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; tiny: 64)")
     p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; tiny: 64)")
@@ -82,7 +82,7 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
     if text and not text.endswith("\n"):  # the run stopped while appending this line
         lines.pop()
         write_atomic(manifest, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
-    done, keys = set(), {*settings, "vae"}  # "vae" is recorded only when --vae was given
+    done, keys = set(), {*settings, "vae", "lora"}  # recorded only when --vae, --lora were given
     for n, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -112,7 +112,7 @@ def write_batches(sd, args, todo, names, done, settings, remaining, height, widt
             for i, image in zip(batch, images):
                 if names[i] in done:
                     continue
-                parameters = a1111_parameters(args.prompt, "", args.ddim_steps, args.scale, args.seed + i,
+                parameters = a1111_parameters(cli.with_loras(args.prompt, args.lora), "", args.ddim_steps, args.scale, args.seed + i,
                                               width, height, cli.model_name(args.ckpt), ETA, settings.get("vae"))
                 save_png(image, outdir / names[i], parameters)
                 record = {"file": names[i]} | settings | {"seed": args.seed + i}
@@ -124,13 +124,7 @@ def write_batches(sd, args, todo, names, done, settings, remaining, height, widt
 
 def main(argv=None):
     args = parse_args(argv)
-    args.ckpt = args.ckpt or cli.default_checkpoint("make_prior.py")
-    try:
-        sd = dreambooth.load(args.ckpt, device=args.device)
-    except ValueError as e:
-        raise SystemExit(f"make_prior.py: error: {e}") from None
-    if args.vae:
-        sd = cli.with_vae(sd, args.vae, "make_prior.py")
+    sd = cli.load_model(args, "make_prior.py")
     height, width = args.H or sd.resolution, args.W or sd.resolution
     cli.note_long_prompts(sd.tokenizer, [args.prompt])
 
@@ -140,6 +134,8 @@ def main(argv=None):
                 "checkpoint": sd.name, "height": height, "width": width}
     if args.vae:  # recorded only when given, so that folders made before --vae existed still match
         settings["vae"] = Path(args.vae).name
+    if args.lora:  # likewise
+        settings["lora"] = [[Path(path).name, scale] for path, scale in args.lora]
     outdir = args.outdir
     outdir.mkdir(parents=True, exist_ok=True)
     done = read_manifest(outdir, settings)

@@ -16,7 +16,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
 
 import cli  # noqa: E402
-import dreambooth  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, image_grid, next_index, save_png  # noqa: E402
 
@@ -25,6 +24,7 @@ def parse_args(argv=None):
     p = cli.parser("sample.py", "Text to image with a Stable Diffusion v1 checkpoint (DDIM sampler).", [
         'python sample.py --prompt "photo of a dog"                          # weights/sd-v1-4.ckpt, else tiny',
         'python sample.py --ckpt runs/dog-20261126/model.safetensors --prompt "a sks dog in the snow"',
+        'python sample.py --lora runs/dog-20261126/lora.safetensors:0.8 --prompt "a sks dog in the snow"',
         "python sample.py --ckpt tiny --from-file prompts.txt --n_samples 4 --n_iter 2 --seed 7"])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text to draw")
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (the -full-ema files)")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
                                                  "e.g. vae-ft-mse-840000-ema-pruned")
+    cli.add_lora_flag(p)
     p.add_argument("--outdir", default="outputs/samples", help="where the PNGs go")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddim_eta", "--ddim-eta", dest="ddim_eta", type=float, default=0.0,
@@ -75,13 +76,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.ckpt = args.ckpt or cli.default_checkpoint("sample.py")
-    try:
-        sd = dreambooth.load(args.ckpt, device=args.device, ema=args.ema)
-    except ValueError as e:
-        raise SystemExit(f"sample.py: error: {e}") from None
-    if args.vae:
-        sd = cli.with_vae(sd, args.vae, "sample.py")
+    sd = cli.load_model(args, "sample.py")
     height, width = args.H or sd.resolution, args.W or sd.resolution
     model, vae = cli.model_name(args.ckpt), args.vae and Path(args.vae).name
 
@@ -100,7 +95,7 @@ def main(argv=None):
                                     args.ddim_eta, height, width, progress=cli.interactive(),
                                     precision=args.precision)
             for k, (prompt, seed, image) in enumerate(zip(batch, batch_seeds, batch_images), start=start):
-                parameters = a1111_parameters(prompt, args.negative_prompt, args.ddim_steps, args.scale, seed,
+                parameters = a1111_parameters(cli.with_loras(prompt, args.lora), args.negative_prompt, args.ddim_steps, args.scale, seed,
                                               width, height, model, args.ddim_eta, vae)
                 save_png(image, outdir / f"{first + k:05d}.png", parameters)
             images += batch_images
@@ -109,7 +104,7 @@ def main(argv=None):
     where = f"{outdir}/{first:05d}.png" + (f" .. {first + len(images) - 1:05d}.png" if len(images) > 1 else "")
     if not args.skip_grid and len(images) > 1:
         grid = outdir / f"grid-{next_index(outdir, prefix='grid-'):04d}.png"
-        first_parameters = a1111_parameters(prompts[0], args.negative_prompt, args.ddim_steps, args.scale,
+        first_parameters = a1111_parameters(cli.with_loras(prompts[0], args.lora), args.negative_prompt, args.ddim_steps, args.scale,
                                             seeds[0], width, height, model, args.ddim_eta, vae)
         save_png(image_grid(images, cols=args.n_samples), grid, first_parameters)  # A1111 labels grids so too
         where += f" and the grid {grid}"

@@ -20,6 +20,7 @@ previews and saving; setup; then main() and the loop. The optimizer and the CUDA
 in dreambooth/speed.py.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ from dreambooth.ddim import add_noise  # noqa: E402
 from dreambooth.files import write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
+from dreambooth.lora import LoRA, save_lora  # noqa: E402
 from dreambooth.runlog import Log, Stopped  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -71,11 +73,17 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, help="image size, a multiple of 8; default the model's (512, tiny 64)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=1, help="subject images per step, plus as many prior images")
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, help="AdamW learning rate; default 1e-6, with --lora 1e-4")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up over N steps")
     p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
     p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of eq. 2: weight of the prior loss")
     p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the CLIP text encoder too")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank instead of "
+                   "the whole model, written to lora.safetensors (kohya's format); 0 = off")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
+                                                    "default RANK")
+    p.add_argument("--save-merged", action="store_true", help="with --lora, also write the model with the LoRA "
+                                                              "merged in as model.safetensors")
     p.add_argument("--seed", type=int, default=42, help="seed of all randomness: data order, flips, noise, t")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ...; default cuda if available, else cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
@@ -115,9 +123,11 @@ def check_args(p, args):
     for flag in ("steps", "batch_size", "log_every", "sample_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    for flag in ("lr", "warmup_steps", "clip_grad", "prior_weight", "sample_every", "save_every"):
-        if getattr(args, flag) < 0:
+    for flag in ("lr", "warmup_steps", "clip_grad", "prior_weight", "sample_every", "save_every", "lora"):
+        if (getattr(args, flag) or 0) < 0:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must not be negative")
+    if args.save_merged and not args.lora:
+        p.error("--save-merged: only with --lora (a full fine-tuning always writes model.safetensors)")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
         p.error(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8)")
     cli.check_model_flags(p, args)
@@ -126,6 +136,10 @@ def check_args(p, args):
 def resolve_defaults(args):
     """Fill in the defaults that depend on the machine, the files or the time, so train_state.pt records them."""
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.lr is None:
+        args.lr = 1e-4 if args.lora else 1e-6
+        print(f"learning rate {args.lr:g}" + (" (LoRA's usual; --lr sets another)" if args.lora else ""))
+    args.lora_alpha = args.lora_alpha or args.lora
     args.ckpt = args.ckpt or cli.default_checkpoint("train.py")
     args.instance_prompt = args.instance_prompt or f"photo of a {args.token} {args.class_name}"
     if not args.prior_prompt:
@@ -301,10 +315,15 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     """Everything a step needs, made once: the VAE posteriors of the photos and the CLIP contexts of the prompts
     (then the VAE and a frozen text encoder leave the GPU), the UNet's memory layout and gradient checkpointing,
     the optimizer, and the step, recorded as one CUDA graph where it can be. Returns (step, optimizer, trained)."""
-    trained = {"unet": sd.unet} | ({"text_encoder": sd.text_encoder} if args.train_text_encoder else {})
+    if args.lora:  # only the adapters train; the base weights are frozen, held in fp16 on a GPU (no gradients anyway)
+        trained = {"lora": LoRA(sd, args.lora, args.lora_alpha, args.train_text_encoder, args.seed).attach()}
+        if device.type == "cuda" and args.precision != "fp32":
+            sd.unet.half(), sd.text_encoder.half()
+    else:
+        trained = {"unet": sd.unet} | ({"text_encoder": sd.text_encoder} if args.train_text_encoder else {})
     sd.vae.requires_grad_(False).eval()
-    sd.text_encoder.requires_grad_(args.train_text_encoder).train(args.train_text_encoder)
-    sd.unet.train()
+    sd.unet.requires_grad_(not args.lora).train()
+    sd.text_encoder.requires_grad_(args.train_text_encoder and not args.lora).train(args.train_text_encoder)
     cli.note_long_prompts(sd.tokenizer, [args.instance_prompt, args.prior_prompt])
     ids = sd.tokenizer([args.instance_prompt, args.prior_prompt]).to(device)
     posteriors = contexts = None
@@ -355,12 +374,11 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, n_instance, n_prior = load_model_and_photos(args, device)
     preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
-    if state:  # the trained weights where the run stopped
-        for name, weights in state["weights"].items():
-            getattr(sd, name).load_state_dict(weights)
     step, optimizer, trained = make_step(sd, images, n_instance, n_prior, args, device)
     start = 0
-    if state:
+    if state:  # the trained weights, the optimizer and the data generator where the run stopped
+        for name, weights in state["weights"].items():
+            trained[name].load_state_dict(weights)
         try:
             optimizer.load_state_dict(state)
         except ValueError as e:
@@ -394,7 +412,11 @@ def save(out, sd, trained, optimizer, step, args, generator, log):
     state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
              **optimizer.state_dict(), "data_rng": generator.get_state(), "log": log.state()}
     try:
-        dreambooth.save(sd, out / "model.safetensors")
+        if args.lora:
+            save_lora(trained["lora"], out / "lora.safetensors", kohya_metadata(args, step))
+        if args.save_merged or not args.lora:
+            with trained["lora"].merged() if args.lora else contextlib.nullcontext():
+                dreambooth.save(sd, out / "model.safetensors")
         write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError, SafetensorError) as e:
         params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
@@ -404,6 +426,16 @@ def save(out, sd, trained, optimizer, step, args, generator, log):
             (str(e).splitlines() or [type(e).__name__])[0]
         raise log.stop(f"saving step {step} failed: {why}") from None
     log.saved_step = step
+
+
+def kohya_metadata(args, step):
+    """The LoRA file's metadata, under the names kohya's sd-scripts give them (A1111 and ComfyUI show them)."""
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(args.lora),
+            "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sd_v1",
+            "ss_sd_model_name": Path(args.ckpt).name, "ss_learning_rate": str(args.lr), "ss_steps": str(step),
+            "ss_max_train_steps": str(args.steps), "ss_seed": str(args.seed), "ss_resolution": str(args.resolution),
+            "ss_training_comment": f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
+                                   f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step"}
 
 
 def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
@@ -448,8 +480,9 @@ def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
         bar.close()
         log.close()
     log.summary(args.steps - start)
-    print(f"model: {out / 'model.safetensors'}  (python sample.py --ckpt {out / 'model.safetensors'} "
-          f"--prompt \"{sample_prompts[1]}\")")
+    lora = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else ""
+    print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "
+          f"sample.py {lora or '--ckpt ' + str(out / 'model.safetensors')} --prompt \"{sample_prompts[1]}\")")
     print(f"log: {out / 'log.jsonl'}, previews: {out / 'samples'}, train state for --resume: {out / 'train_state.pt'}")
 
 

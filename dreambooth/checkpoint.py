@@ -122,7 +122,7 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
 def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, metadata: dict | None = None) -> None:
     """Write `sd` as a .safetensors file in the original CompVis layout, atomically (files.write_atomic).
     Weights are cast to `dtype`; the schedule buffers stay float32. The file's metadata holds the latent scale
-    (load reads it back) and the strings in `metadata`."""
+    where it is not SD v1's (load reads it back) and the strings in `metadata`."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save: {path} must end in .safetensors (the only format save writes)")
@@ -133,7 +133,10 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, meta
         for key, t in model.state_dict().items():
             tensors[prefix + key] = t.detach().to("cpu", dtype, copy=True).contiguous()
     tensors.update(schedule_buffers(sd.alphas_cumprod))
-    metadata = {"format": "pt", "latent_scale": repr(sd.latent_scale), **(metadata or {})}
+    # Only what differs from SD v1 is written: safetensors writes metadata in no fixed order, so one entry keeps
+    # files of the same weights byte-identical.
+    own_scale = {"latent_scale": repr(sd.latent_scale)} if sd.latent_scale != LATENT_SCALE else {}
+    metadata = {"format": "pt", **own_scale, **(metadata or {})}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

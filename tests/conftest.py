@@ -10,11 +10,15 @@ The key layout is proven to be the real one by diffusers' own LDM -> diffusers c
 on sd-v1-4 files) followed by strict loads into diffusers' UNet2DConditionModel and AutoencoderKL and transformers'
 CLIPTextModel: no key table of ours is involved.
 """
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+
+import train
 
 from dreambooth.checkpoint import CLIP, UNET, VAE
 from dreambooth.clip import CLIPConfig, CLIPTextModel
@@ -73,3 +77,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- training the tiny model (test_train.py, test_lora.py) ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Folders of small random photos (80x72, cropped to 64 px): instance/ 2, prior/ 3 (with the manifest.jsonl
+    of make_prior.py), one/ 1, few_prior/ 1."""
+    root = tmp_path_factory.mktemp("photos")
+    gen = torch.Generator().manual_seed(0)
+    for folder, n in (("instance", 2), ("prior", 3), ("one", 1), ("few_prior", 1)):
+        (root / folder).mkdir()
+        for k in range(n):
+            pixels = (torch.rand(80, 72, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / folder / f"{k:02d}.png")
+    (root / "prior" / "manifest.jsonl").write_text(json.dumps({"file": "00.png", "prompt": "a dog, from make_prior"}))
+    return root
+
+
+def run(photos, out, *flags, instance="instance", prior="prior"):
+    """train.main on the tiny model at 64 px without preview grids, unless the flags say otherwise."""
+    argv = ["--instance", str(photos / instance), "--class", "dog", "--ckpt", "tiny", "--device", "cpu",
+            "--resolution", "64", "--out", str(out), "--sample-every", "0", *flags]
+    train.main(argv + (["--prior", str(photos / prior)] if prior else []))

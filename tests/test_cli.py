@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("program, usage, defaults", [
-    ("train.py", "train.py --instance DIR --class NAME", ["--steps STEPS", "(default: 800)", "(default: 1e-06)",
+    ("train.py", "train.py --instance DIR --class NAME", ["--steps STEPS", "(default: 800)", "default 1e-6, with --lora 1e-4",
                                                            "(default: sks)", "(default: 42)", "(default: 200)"]),
     ("sample.py", "(--prompt PROMPT | --from-file FILE)", ["(default: 50)", "(default: 7.5)", "(default: 42)",
                                                            "(default: 0.0)", "(default: outputs/samples)"]),

@@ -20,33 +20,12 @@ import train
 from dreambooth import speed
 from dreambooth.images import load_image
 from dreambooth.vae import LATENT_SCALE
+from tests.conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # results compared bit for bit
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Folders of small random photos (80x72, cropped to 64 px): instance/ 2, prior/ 3 (with the manifest.jsonl
-    of make_prior.py), one/ 1, few_prior/ 1."""
-    root = tmp_path_factory.mktemp("photos")
-    gen = torch.Generator().manual_seed(0)
-    for folder, n in (("instance", 2), ("prior", 3), ("one", 1), ("few_prior", 1)):
-        (root / folder).mkdir()
-        for k in range(n):
-            pixels = (torch.rand(80, 72, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / folder / f"{k:02d}.png")
-    (root / "prior" / "manifest.jsonl").write_text(json.dumps({"file": "00.png", "prompt": "a dog, from make_prior"}))
-    return root
-
-
-def run(photos, out, *flags, instance="instance", prior="prior"):
-    """train.main on the tiny model at 64 px without preview grids, unless the flags say otherwise."""
-    argv = ["--instance", str(photos / instance), "--class", "dog", "--ckpt", "tiny", "--device", "cpu",
-            "--resolution", "64", "--out", str(out), "--sample-every", "0", *flags]
-    train.main(argv + (["--prior", str(photos / prior)] if prior else []))
 
 
 def weights(out):
