@@ -23,6 +23,7 @@ reference rows say so and the rest runs.
 """
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import statistics
@@ -68,6 +69,7 @@ TRAIN_ROWS = [
     ("ours", False, True, False, True), ("ours", False, False, False, False),
     ("ours", True, True, False, True), ("ours", True, False, False, True),
     ("ours", False, True, True, False), ("ours", True, True, True, True), ("ours", True, False, True, False),
+    ("lora-16", True, True, False, True), ("lora-16", False, True, False, False),  # train.py --lora 16
     ("diffusers", False, True, False, True), ("diffusers", False, False, False, False),
     ("diffusers", False, True, True, False),
 ]
@@ -131,12 +133,13 @@ def random_sd(sizes, device, dtype) -> StableDiffusion:
 
 # ---- training ------------------------------------------------------------------------------------------------------
 
-def ours_step(sizes, device, graph, checkpointing, train_text_encoder):
+def ours_step(sizes, device, graph, checkpointing, train_text_encoder, lora=0):
     """train.py from its setup on, with this row's flags: make_step on random weights and two random photos."""
     args, _ = train.parse_args([
         "--instance", "unused", "--class", "dog", "--ckpt", "tiny", "--device", str(device), "--lr", "1e-6",
         "--resolution", str(sizes.resolution), f"--{'' if checkpointing else 'no-'}grad-checkpointing",
-        f"--{'' if graph else 'no-'}cuda-graph", *(["--train-text-encoder"] if train_text_encoder else [])])
+        f"--{'' if graph else 'no-'}cuda-graph", *(["--train-text-encoder"] if train_text_encoder else []),
+        "--lora", str(lora)])
     train.resolve_defaults(args)
     sd = random_sd(sizes, device, torch.float32)
     photos = torch.rand(2, 3, sizes.resolution, sizes.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -263,7 +266,9 @@ def main(argv=None):
         if skipped := why_skipped(trainer, graph, missing, device):
             print(f"{label} {skipped}")
             continue
-        steps_per_s, peak = time_training(ours_step if trainer == "ours" else diffusers_step, args, sizes, device,
+        make = diffusers_step if trainer == "diffusers" else \
+            functools.partial(ours_step, lora=int(trainer.removeprefix("lora-")) if trainer != "ours" else 0)
+        steps_per_s, peak = time_training(make, args, sizes, device,
                                           graph=graph, checkpointing=checkpointing, train_text_encoder=text_encoder)
         print(f"{label} {steps_per_s:8.2f} {'-' if peak is None else f'{peak:.2f}':>9}", flush=True)
 

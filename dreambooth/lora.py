@@ -5,7 +5,7 @@ A LoRA leaves a layer's weight W0 [out, in] as it is and learns a change of rank
     h = W0 x + (alpha / r) * up @ down @ x        down [r, in], up [out, r]
 
 `up` starts at zero, so training starts exactly from the base model; `down` starts random (Gaussian, as in the
-paper). Only up and down are trained: for SD v1 at rank 16, 3 M numbers instead of the UNet's 860 M, which is
+paper). Only up and down are trained: for SD v1 at rank 16, 6.8 M numbers instead of the UNet's 860 M, which is
 why a LoRA file is megabytes and its training fits a small GPU. After training, W0 + (alpha / r) * up @ down is
 an ordinary weight again: merging it in costs nothing per step.
 
