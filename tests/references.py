@@ -76,6 +76,19 @@ def random_photos(side: int, device, seed: int = 0):
     return Photos(posteriors.to(device), None, None, n_instance=1, n_prior=1, batch_size=1, latent_scale=LATENT_SCALE)
 
 
+def random_lora(sd, path, rank=4, alpha=2.0, seed=1, std=0.5):
+    """A LoRA file for sd with random, non-zero up (a trained one's are; a new one's are 0)."""
+    from dreambooth.lora import LoRA, save_lora
+
+    lora = LoRA(sd, rank, alpha, text_encoder=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in lora.values():
+            adapter.lora_up.weight.normal_(0, std, generator=generator)
+    save_lora(lora, path)
+    return lora
+
+
 # ---- the reference models, holding our weights -----------------------------------------------------------------
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:

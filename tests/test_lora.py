@@ -12,20 +12,9 @@ import train
 from dreambooth.generate import generate
 from dreambooth.lora import LoRA, kohya_name, load_lora, save_lora, target_layers
 from tests.conftest import run
-from tests.references import assert_close, reference_pipeline
+from tests.references import assert_close, random_lora, reference_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_lora(sd, path, rank=4, alpha=2.0, seed=1, std=0.5):
-    """A LoRA file for sd with random, non-zero up (a trained one's are; a new one's are 0)."""
-    lora = LoRA(sd, rank, alpha, text_encoder=True, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for adapter in lora.values():
-            adapter.lora_up.weight.normal_(0, std, generator=generator)
-    save_lora(lora, path)
-    return lora
 
 
 def diffusers_images(pipe, prompts, seeds, steps, side):

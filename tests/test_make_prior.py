@@ -122,3 +122,23 @@ def test_command_line_defaults_to_prior_class_folder(tmp_path):
     assert "2 class images of 'photo of a cat' in prior/cat/" in result.stdout.splitlines()[-1]
     assert sorted(p.name for p in (tmp_path / "prior" / "cat").iterdir()) == ["00000.png", "00001.png",
                                                                               "manifest.jsonl"]
+
+
+def test_a_lora_is_merged_recorded_and_not_mixed(reference, tmp_path):
+    """--lora FILE:SCALE changes the class images, the manifest and PNG info record it, and a folder made without
+    it is not continued with it."""
+    import dreambooth
+    from tests.references import random_lora
+
+    lora = tmp_path / "style.safetensors"
+    random_lora(dreambooth.load("tiny"), lora)
+    outdir = tmp_path / "dog"
+    make_prior.main(FLAGS + ["--lora", f"{lora}:0.5", "--outdir", str(outdir)])
+    record = json.loads((outdir / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["lora"] == [["style.safetensors", 0.5]]
+    with Image.open(outdir / "00000.png") as image:
+        assert image.text["parameters"].startswith("photo of a dog <lora:style:0.5>\n")
+    assert (outdir / "00000.png").read_bytes() != (reference / "00000.png").read_bytes()
+    mixed = shutil.copytree(reference, tmp_path / "mixed")
+    with pytest.raises(SystemExit, match="holds images made with lora None, not"):
+        make_prior.main(FLAGS + ["--lora", f"{lora}:0.5", "--outdir", str(mixed)])
