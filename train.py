@@ -230,12 +230,6 @@ def why_eager(args, device):
     return None
 
 
-# Activation memory that backward keeps for one 512 px image (64x64 latents) in the full-size UNet under bf16
-# autocast without gradient checkpointing, in GiB: the probe's 13.8 GiB peak at batch 1+1 on an H100, less 9.6 GiB of
-# fp32 weights and AdamW moments, over 2 images (issue 10, ../shared/probes). Scaled by latent pixels and UNet width.
-ACTIVATIONS_GIB = 2.1
-
-
 def choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device):
     """Gradient checkpointing keeps only each UNet block's input in forward and recomputes the block in backward:
     a fraction of the activation memory, for more time per step. --grad-checkpointing / --no-grad-checkpointing
@@ -245,13 +239,9 @@ def choose_grad_checkpointing(args, unet, params, images_per_step, after_backwar
         return args.grad_checkpointing, f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'} (asked)"
     if device.type != "cuda":
         return False, "gradient checkpointing off: memory is not the limit on a CPU (--grad-checkpointing turns it on)"
-    size = images_per_step * (args.resolution / 512) ** 2 * unet.config.model_channels / 320
-    size *= 2 if args.precision == "fp32" else 1  # the activations were measured in bf16
-    # AdamW's two fp32 moments, made at the first step, and stepping after backward, a whole fp32 gradient
-    states = sum(p.numel() for p in params) * (12 if after_backward else 8) / 2**30
-    need = ACTIVATIONS_GIB * size + states
-    free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-            - torch.cuda.memory_allocated(device)) / 2**30
+    need = speed.training_memory_gib(unet, params, images_per_step, args.resolution, args.precision == "fp32",
+                                     after_backward)
+    free = speed.free_gpu_memory_gib(device)
     on = need > 0.85 * free
     return on, (f"gradient checkpointing {'on' if on else 'off'}: without it the run needs about {need:.1f} GiB more "
                 f"and {free:.1f} GiB of GPU memory are free (--{'no-' if on else ''}grad-checkpointing forces it)")

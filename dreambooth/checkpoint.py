@@ -72,7 +72,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     if path == "tiny":
         return _tiny().to(device, dtype)
     path = Path(path)
-    state = _read(path)
+    state = read_tensors(path)
     _check_family(path, state)
     parts = _split(path, state)
 
@@ -103,7 +103,7 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
     """A KL-f8 VAE file as published (.ckpt or .safetensors, e.g. vae-ft-mse-840000-ema-pruned): CompVis names
     with or without the first_stage_model. prefix. Anything else raises CheckpointError naming what it is."""
     path = Path(path)
-    state = _read(path)
+    state = read_tensors(path)
     keys = list(state)
     if any(k.startswith(UNET) for k in keys):
         raise CheckpointError(f"{path} is a full SD model ({UNET}* keys), not a VAE")
@@ -179,7 +179,7 @@ def _tiny() -> StableDiffusion:
 
 # ---- reading files -------------------------------------------------------------------------
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The file's flat dict of tensors, memory-mapped: a tensor's bytes are read when first used."""
     if path.is_dir():
         if (path / "model_index.json").exists() or (path / "unet").is_dir():

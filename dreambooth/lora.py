@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError
-from .checkpoint import _read as read_tensors
+from .checkpoint import CheckpointError, read_tensors
 from .files import write_atomic
 
 UNET_TARGETS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")

@@ -1,7 +1,8 @@
 """What makes a training step fast in plain PyTorch, and small: AdamW stepped inside backward, so no full gradient
 buffer exists, and a whole step (or a sampler's UNet call) recorded once as a CUDA graph and replayed.
 
-train.py and generate() use these; each is short and says what problem it solves.
+train.py and generate() use these; each is short and says what problem it solves. Also the estimate of a training
+run's memory by which train.py decides on gradient checkpointing.
 """
 import functools
 
@@ -171,3 +172,25 @@ class CUDAGraph:
             if self.on_failure:
                 self.on_failure(str(e).splitlines()[0] if str(e) else type(e).__name__)
             return False
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------------
+
+# Activation memory that backward keeps for one 512 px image (64x64 latents) in the full-size UNet under bf16
+# autocast without gradient checkpointing, in GiB: the probe's 13.8 GiB peak at batch 1+1 on an H100, less 9.6 GiB of
+# fp32 weights and AdamW moments, over 2 images (issue 10, ../shared/probes).
+ACTIVATIONS_GIB = 2.1
+
+
+def training_memory_gib(unet, params, images_per_step, resolution, fp32, after_backward):
+    """What a training run needs on the GPU beyond its weights, without gradient checkpointing, in GiB: the
+    activations backward keeps (ACTIVATIONS_GIB scaled by latent pixels and UNet width, twice that in fp32), AdamW's
+    two fp32 moments of `params` (made at the first step) and, stepping after backward, their whole fp32 gradient."""
+    images = images_per_step * (resolution / 512) ** 2 * unet.config.model_channels / 320 * (2 if fp32 else 1)
+    return ACTIVATIONS_GIB * images + sum(p.numel() for p in params) * (12 if after_backward else 8) / 2**30
+
+
+def free_gpu_memory_gib(device):
+    """Free GPU memory, counting what torch's caching allocator holds but does not use."""
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free / 2**30
