@@ -111,6 +111,8 @@ def parse_args(argv=None):
         p.set_defaults(**state["args"])
         args = p.parse_args(argv)
         args.out = args.resume
+        if args.lora != state["args"].get("lora", 0):
+            p.error(f"--lora {args.lora}: {args.resume} was trained with --lora {state['args'].get('lora', 0)}; keep it")
     check_args(p, args)
     return args, state
 
@@ -308,7 +310,8 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     if args.lora:  # only the adapters train; the base weights are frozen, held in fp16 on a GPU (no gradients anyway)
         trained = {"lora": LoRA(sd, args.lora, args.lora_alpha, args.train_text_encoder, args.seed).attach()}
         if device.type == "cuda" and args.precision != "fp32":
-            sd.unet.half(), sd.text_encoder.half()
+            sd.unet.half()
+            sd.text_encoder.half()
     else:
         trained = {"unet": sd.unet} | ({"text_encoder": sd.text_encoder} if args.train_text_encoder else {})
     sd.vae.requires_grad_(False).eval()

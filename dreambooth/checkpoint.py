@@ -54,8 +54,10 @@ IGNORED = {
 LIGHTNING = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 
 
-# Where the programs look when --ckpt is not given, in this order (relative to the working folder; cli.py).
+# Where the programs look when --ckpt is not given, in this order (relative to the working folder; cli.py), before
+# they fall back on the toy model: SD v1's architecture at toy width, trained by make_toy.py on drawn shapes.
 DEFAULT_FILES = ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors")
+TOY_FILE = Path(__file__).with_name("toy.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -63,7 +65,8 @@ class CheckpointError(ValueError):
 
 
 def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDiffusion:
-    """Load an SD v1 .ckpt / .safetensors file, or "tiny": a small random model needing no file.
+    """Load an SD v1 .ckpt / .safetensors file, "toy" (the toy model this repo trains and ships, make_toy.py), or
+    "tiny": a small random model needing no file.
 
     Weights are cast to `dtype` one tensor at a time. ema=True takes the UNet from the file's
     model_ema.* weights (the -full-ema files). Anything else raises CheckpointError, one line
@@ -71,7 +74,8 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     unexpected or mis-shaped key, a different noise schedule, a truncated file."""
     if path == "tiny":
         return _tiny().to(device, dtype)
-    path = Path(path)
+    name = "toy" if path == "toy" else None
+    path = TOY_FILE if path == "toy" else Path(path)
     state = read_tensors(path)
     _check_family(path, state)
     parts = _split(path, state)
@@ -89,7 +93,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     clip_cfg = _config(CLIPConfig, parts[CLIP], "embeddings.token_embedding.weight", 1, "width")
     text_encoder = _assign(path, _build(CLIPTextModel, clip_cfg), parts[CLIP], lambda k: CLIP + k, device, dtype)
     return StableDiffusion(Tokenizer(), text_encoder, unet, vae, sd_alphas_cumprod().to(device),
-                           name=path.name, resolution=64 if unet_cfg == UNetConfig.tiny() else 512,
+                           name=name or path.name, resolution=64 if unet_cfg == UNetConfig.tiny() else 512,
                            latent_scale=float(_metadata(path).get("latent_scale", LATENT_SCALE)))
 
 

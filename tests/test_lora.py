@@ -155,6 +155,9 @@ def test_training_writes_a_lora_diffusers_loads_and_resumes_exactly(photos, tmp_
     resumed, expected = load_file(out / "lora.safetensors"), load_file(straight / "lora.safetensors")
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
     assert (out / "train_state.pt").stat().st_size < 5e6  # the adapters and their moments, not the model
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(out), "--steps", "5", "--lora", "8"])
+    assert e.value.code == 2
 
     with safe_open(out / "lora.safetensors", framework="pt") as f:
         meta = f.metadata()
