@@ -32,9 +32,9 @@ def parser(prog, description, examples, usage=None):
 
 
 def check_model_flags(p, args):
-    """--ckpt names a file (or tiny), and so does --vae if given; --device is one this machine has ("auto": CUDA
+    """--ckpt names a file (or toy, tiny), and so does --vae if given; --device is one this machine has ("auto": CUDA
     where there is one)."""
-    if args.ckpt not in (None, "tiny") and not Path(args.ckpt).is_file():
+    if args.ckpt not in (None, "tiny", "toy") and not Path(args.ckpt).is_file():
         p.error(f"--ckpt {args.ckpt}: no such file")
     if args.vae and not Path(args.vae).is_file():
         p.error(f"--vae {args.vae}: no such file")
@@ -92,12 +92,40 @@ def with_loras(prompt, loras):
 
 
 def default_checkpoint(program):
-    """The first of dreambooth.checkpoint.DEFAULT_FILES that exists, else "tiny", saying so in one line."""
+    """The first of dreambooth.checkpoint.DEFAULT_FILES that exists, else "toy", saying so in one line."""
     for f in DEFAULT_FILES:
         if Path(f).is_file():
             return f
-    print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in tiny (random) model")
-    return "tiny"
+    print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in toy model "
+          "(it draws coloured shapes: README, \"The toy world\")")
+    return "toy"
+
+
+# With --ckpt toy (the default without SD weights), the settings that work for the toy model, as the usual ones do
+# for SD v1 (README, "The toy world"; benchmarks/toy.py measures them). Its captions were "a red circle", never
+# "photo of ...", and its class images are made as its training samples were looked at: guidance 3, 25 DDIM steps.
+TOY_DEFAULTS = {
+    "train.py": {"steps": 600, "lr": 1e-4, "batch_size": 4, "prior_weight": 2.0, "sample_steps": 25},
+    "make_prior.py": {"scale": 3.0, "ddim_steps": 25, "num": 100},
+}
+
+
+def with_toy_defaults(p, args, argv, program):
+    """args, parsed again with TOY_DEFAULTS where --ckpt is toy or defaults to it (saying so in one line)."""
+    args.ckpt = args.ckpt or default_checkpoint(program)
+    if args.ckpt != "toy":
+        return args
+    p.set_defaults(ckpt="toy", **TOY_DEFAULTS[program])
+    return p.parse_args(argv)
+
+
+def prompt_for(ckpt, words):
+    """"photo of a dog" for SD, "a circle" for the toy model, whose captions had no "photo of"."""
+    return f"a {words}" if ckpt == "toy" else f"photo of a {words}"
+
+
+CKPT_HELP = ("SD v1 .ckpt/.safetensors, toy (the built-in toy model) or tiny (random, for tests); default "
+             "weights/sd-v1-4.ckpt or .safetensors, else toy")
 
 
 def with_vae(sd, path, program, device=None):

@@ -45,14 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--outdir", help="default prior/<class>")
-    p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
-                                  "else the built-in tiny model (also --ckpt tiny)")
+    p.add_argument("--ckpt", help=cli.CKPT_HELP)
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
                                                  "e.g. vae-ft-mse-840000-ema-pruned")
     cli.add_lora_flag(p)
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
-    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; tiny: 64)")
-    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; tiny: 64)")
+    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; toy, tiny: 64)")
+    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; toy, tiny: 64)")
     p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
                    help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto: cuda if available")
@@ -62,7 +61,8 @@ def parse_args(argv=None):
         p.error("--class NAME is required (or give --prompt and --outdir)")
     if not args.outdir and not args.class_name:
         p.error("--outdir DIR is required without --class")
-    args.prompt = args.prompt or f"photo of a {args.class_name}"
+    args = cli.with_toy_defaults(p, args, argv, "make_prior.py")
+    args.prompt = args.prompt or cli.prompt_for(args.ckpt, args.class_name)
     args.outdir = Path(args.outdir or Path("prior", args.class_name))
     for flag in ("num", "batch_size"):
         if getattr(args, flag) < 1:
@@ -112,8 +112,9 @@ def write_batches(sd, args, todo, names, done, settings, remaining, height, widt
             for i, image in zip(batch, images):
                 if names[i] in done:
                     continue
-                parameters = a1111_parameters(cli.with_loras(args.prompt, args.lora), "", args.ddim_steps, args.scale, args.seed + i,
-                                              width, height, cli.model_name(args.ckpt), ETA, settings.get("vae"))
+                parameters = a1111_parameters(cli.with_loras(args.prompt, args.lora), "", args.ddim_steps, args.scale,
+                                              args.seed + i, width, height, cli.model_name(args.ckpt), ETA,
+                                              settings.get("vae"))
                 save_png(image, outdir / names[i], parameters)
                 record = {"file": names[i]} | settings | {"seed": args.seed + i}
                 manifest.write(json.dumps(record) + "\n")

@@ -32,8 +32,7 @@ def parse_args(argv=None):
                       help="a text file with one prompt a line, instead of --prompt")
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
                    help='what to steer away from (the "unconditional" prompt of guidance)')
-    p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors; default weights/sd-v1-4.ckpt or .safetensors, "
-                                  "else the built-in tiny model (also --ckpt tiny)")
+    p.add_argument("--ckpt", help=cli.CKPT_HELP)
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (the -full-ema files)")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
                                                  "e.g. vae-ft-mse-840000-ema-pruned")
@@ -47,8 +46,8 @@ def parse_args(argv=None):
                    help="batch size: images made at once (1 is light enough for a CPU; 3-4 on a GPU)")
     p.add_argument("--n_iter", "--n-iter", dest="n_iter", type=int, default=1,
                    help="how many times to go through the prompts")
-    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; tiny: 64)")
-    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; tiny: 64)")
+    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; toy, tiny: 64)")
+    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; toy, tiny: 64)")
     p.add_argument("--seed", type=int, default=42, help="image k of the run uses seed + k")
     p.add_argument("--skip_grid", "--skip-grid", dest="skip_grid", action="store_true",
                    help="do not write the grid of all the run's images")
@@ -80,6 +79,10 @@ def main(argv=None):
     height, width = args.H or sd.resolution, args.W or sd.resolution
     model, vae = cli.model_name(args.ckpt), args.vae and Path(args.vae).name
 
+    def parameters(prompt, seed):  # PNG info as A1111 writes it
+        return a1111_parameters(cli.with_loras(prompt, args.lora), args.negative_prompt, args.ddim_steps, args.scale,
+                                seed, width, height, model, args.ddim_eta, vae)
+
     # The run: --n_iter passes over the prompts, in batches of --n_samples; image k gets seed + k.
     cli.note_long_prompts(sd.tokenizer, args.prompts)
     prompts = [prompt for _ in range(args.n_iter) for prompt in args.prompts]
@@ -95,18 +98,15 @@ def main(argv=None):
                                     args.ddim_eta, height, width, progress=cli.interactive(),
                                     precision=args.precision)
             for k, (prompt, seed, image) in enumerate(zip(batch, batch_seeds, batch_images), start=start):
-                parameters = a1111_parameters(cli.with_loras(prompt, args.lora), args.negative_prompt, args.ddim_steps, args.scale, seed,
-                                              width, height, model, args.ddim_eta, vae)
-                save_png(image, outdir / f"{first + k:05d}.png", parameters)
+                save_png(image, outdir / f"{first + k:05d}.png", parameters(prompt, seed))
             images += batch_images
             bar.update(len(batch))
 
     where = f"{outdir}/{first:05d}.png" + (f" .. {first + len(images) - 1:05d}.png" if len(images) > 1 else "")
     if not args.skip_grid and len(images) > 1:
         grid = outdir / f"grid-{next_index(outdir, prefix='grid-'):04d}.png"
-        first_parameters = a1111_parameters(cli.with_loras(prompts[0], args.lora), args.negative_prompt, args.ddim_steps, args.scale,
-                                            seeds[0], width, height, model, args.ddim_eta, vae)
-        save_png(image_grid(images, cols=args.n_samples), grid, first_parameters)  # A1111 labels grids so too
+        # A1111 labels a grid by its first image
+        save_png(image_grid(images, cols=args.n_samples), grid, parameters(prompts[0], seeds[0]))
         where += f" and the grid {grid}"
     print(f"wrote {len(images)} image{'s' * (len(images) > 1)}: {where}")
 

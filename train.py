@@ -65,12 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
     p.add_argument("--prior-prompt", help="default: the prompt in the prior folder's manifest.jsonl, "
                                           'else "photo of a {class}"')
-    p.add_argument("--ckpt", help="SD v1 .ckpt/.safetensors, or tiny (the built-in random model); "
-                                  "default weights/sd-v1-4.ckpt or .safetensors, else tiny")
+    p.add_argument("--ckpt", help=cli.CKPT_HELP)
     p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
                                                  "(the photos are encoded with the checkpoint's own)")
-    p.add_argument("--resolution", type=int, help="image size, a multiple of 8; default the model's (512, tiny 64)")
+    p.add_argument("--resolution", type=int,
+                   help="image size, a multiple of 8; default the model's (512; toy, tiny: 64)")
     p.add_argument("--steps", type=int, default=800, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=1, help="subject images per step, plus as many prior images")
     p.add_argument("--lr", type=float, help="AdamW learning rate; default 1e-6, with --lora 1e-4")
@@ -103,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=400, help="save every N steps (and at the end); 0 = at the end")
     p.add_argument("--log-every", type=int, default=10, help="log the losses every N steps")
     args, state = p.parse_args(argv), None
+    if not args.resume:
+        args = cli.with_toy_defaults(p, args, argv, "train.py")
     if args.resume:
         path = Path(args.resume) / "train_state.pt"
         if not path.is_file():
@@ -111,8 +113,8 @@ def parse_args(argv=None):
         p.set_defaults(**state["args"])
         args = p.parse_args(argv)
         args.out = args.resume
-        if args.lora != state["args"].get("lora", 0):
-            p.error(f"--lora {args.lora}: {args.resume} was trained with --lora {state['args'].get('lora', 0)}; keep it")
+        if args.lora != state["args"].get("lora", 0):  # what train_state.pt holds: the adapters, or the model
+            p.error(f"--lora {args.lora}: {args.resume} was trained with --lora {state['args'].get('lora', 0)}")
     check_args(p, args)
     return args, state
 
@@ -143,12 +145,12 @@ def resolve_defaults(args):
         print(f"learning rate {args.lr:g}" + (" (LoRA's usual; --lr sets another)" if args.lora else ""))
     args.lora_alpha = args.lora_alpha or args.lora
     args.ckpt = args.ckpt or cli.default_checkpoint("train.py")
-    args.instance_prompt = args.instance_prompt or f"photo of a {args.token} {args.class_name}"
+    args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
     if not args.prior_prompt:
         manifest = Path(args.prior or "", "manifest.jsonl")
         lines = manifest.read_text().splitlines() if args.prior and manifest.is_file() else []
         args.prior_prompt = json.loads(lines[0]).get("prompt") if lines else None
-        args.prior_prompt = args.prior_prompt or f"photo of a {args.class_name}"
+        args.prior_prompt = args.prior_prompt or cli.prompt_for(args.ckpt, args.class_name)
     args.out = args.out or f"runs/{args.class_name or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
 
 

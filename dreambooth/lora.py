@@ -182,8 +182,9 @@ def _read_adapters(path: Path, state: dict[str, torch.Tensor]) -> dict[str, tupl
         raise CheckpointError(f"{path} holds no LoRA weights")
     out = {}
     for name, parts in adapters.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise CheckpointError(f"{path}: {name} has no {'lora_down' if 'lora_up.weight' in parts else 'lora_up'}.weight")
+        missing = next((kind for kind in ("lora_down.weight", "lora_up.weight") if kind not in parts), None)
+        if missing:
+            raise CheckpointError(f"{path}: {name} has no {missing}")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         out[name] = (down, up, float(parts["alpha"]) if "alpha" in parts else down.shape[0])  # no alpha: alpha = r
     return out

@@ -140,7 +140,8 @@ def foreground(image: Image.Image, threshold: float = 80.0) -> np.ndarray:
 
 
 def hue_name(rgb: np.ndarray) -> np.ndarray:
-    """The HUES name of each RGB row [N, 3] (0..255); "grey" where the saturation is too low to tell."""
+    """The HUES name of each RGB row [N, 3] (0..255); "grey" where the chroma (max - min channel) is too low to
+    tell a hue: under 0.12, so that a dark green such as (30, 64, 30) still counts as green."""
     rgb = rgb / 255.0
     hi, lo = rgb.max(axis=1), rgb.min(axis=1)
     chroma = np.maximum(hi - lo, 1e-6)
@@ -150,7 +151,7 @@ def hue_name(rgb: np.ndarray) -> np.ndarray:
     names = np.full(len(rgb), "grey", dtype=object)
     for name, start, end in HUES:
         names[(hue >= start) & (hue < end)] = name
-    names[chroma < 0.25] = "grey"
+    names[chroma < 0.12] = "grey"
     return names
 
 

@@ -129,7 +129,7 @@ def test_empty_prompt_file_and_bad_checkpoint_are_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_command_line_without_weights_uses_the_tiny_model(tmp_path):
+def test_command_line_without_weights_uses_the_toy_model(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--prompt", "photo of a sks dog",
                              "--ddim_steps", "2", "--skip_grid"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -138,4 +138,5 @@ def test_command_line_without_weights_uses_the_tiny_model(tmp_path):
     assert lines[0].startswith("sample.py: note: no weights/sd-v1-4.ckpt or .safetensors")
     assert lines[-1] == "wrote 1 image: outputs/samples/00000.png"
     assert [p.name for p in (tmp_path / "outputs" / "samples").iterdir()] == ["00000.png"]
-    assert parameters(tmp_path / "outputs/samples/00000.png").endswith("Seed: 42, Size: 64x64, Model: tiny")
+    assert "the built-in toy model" in lines[0]
+    assert parameters(tmp_path / "outputs/samples/00000.png").endswith("Seed: 42, Size: 64x64, Model: toy")

@@ -1,0 +1,247 @@
+"""Train the toy model from scratch: a tiny Stable Diffusion v1 (the architecture of `dreambooth.load("tiny")`) that
+draws coloured shapes, so that DreamBooth can be run, and seen to work, on a CPU in minutes.
+
+    python make_toy.py                       # writes dreambooth/toy.safetensors and examples/toy/*.png
+    python train.py --ckpt dreambooth/toy.safetensors --instance examples/toy --class circle ...
+
+The pictures come from dreambooth/toyworld.py; nothing is read from disk. Three parts, as in Stable Diffusion:
+
+1. The text encoder is the tiny model's random CLIP, frozen: seeded as dreambooth.load("tiny") seeds it. It need
+   not understand anything; it only has to give different prompts different contexts, which the UNet learns to use.
+2. The VAE (KL autoencoder, Rombach et al. 2022 sec. 3) learns to reconstruct pictures BROADER than the captions:
+   any colour, rings, crosses, stripes, several shapes. A VAE that has only seen the four caption colours cannot
+   draw anything else, and DreamBooth could then not teach the model a new subject. Loss: MSE + KL_WEIGHT * KL, a
+   weak KL as in SD (it only keeps the latents from growing without bound).
+   The latent scale is 1 / std of the VAE latents (SD's scale_factor, sec. 4.3.2), stored in the file's metadata.
+3. The UNet learns to denoise latents of captioned pictures of the vocabulary (DDPM loss, Ho et al. 2020 eq. 14;
+   "a red circle" 70 %, "a circle" 20 %, "" 10 % for classifier-free guidance), with an EMA of its weights.
+4. The VAE's decoder alone is fine-tuned (encoder frozen, so the UNet's latents keep their meaning), as SD's
+   ft-MSE VAE was: after phase 2 alone the colours came out muddy (red as brown-orange, yellow as orange).
+
+Runs are deterministic for a given --seed and --threads (1 thread is bit-for-bit repeatable on one machine).
+"""
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dreambooth  # noqa: E402
+from dreambooth import toyworld  # noqa: E402
+from dreambooth.ddim import add_noise  # noqa: E402
+
+KL_WEIGHT = 5e-5     # of the KL term, per latent element, against the per-pixel MSE of images in [-1, 1]
+VAE_BATCH = 24
+VAE_LR = 1e-3        # Adam, cosine decay to 0
+VOCAB_SHARE = 0.3    # of the VAE's pictures drawn from the captions' vocabulary; the rest are toyworld.random_scene
+UNET_BATCH = 64
+UNET_LR = 1e-3       # AdamW, after a linear warm-up of WARMUP steps
+WARMUP = 100
+EMA_DECAY = 0.998    # the saved UNet is the exponential moving average of its weights
+PER_CAPTION = 800    # pictures per (shape, colour) in the UNet's data set, encoded once
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default and keeps the line breaks of the examples."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="make_toy.py", formatter_class=HelpFormatter,
+        description="Train the toy model (tiny SD v1 drawing coloured shapes) from scratch, and draw the toy "
+                    "DreamBooth subject (an orange ring).",
+        epilog="examples:\n  python make_toy.py\n  python make_toy.py --threads 1 --out /tmp/toy.safetensors "
+               "--subject-dir /tmp/toy\n  python make_toy.py --vae-steps 50 --unet-steps 50 --decoder-steps 50 "
+               "--out /tmp/quick.safetensors --subject-dir /tmp/toy   # a smoke run")
+    p.add_argument("--out", default="dreambooth/toy.safetensors", help="the model file to write")
+    p.add_argument("--subject-dir", default="examples/toy", help="where the subject's pictures go")
+    p.add_argument("--vae-steps", type=int, default=500, help="VAE optimizer steps")
+    p.add_argument("--unet-steps", type=int, default=2300, help="UNet optimizer steps")
+    p.add_argument("--decoder-steps", type=int, default=600, help="optimizer steps of the decoder's fine-tuning")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pictures, noise and timesteps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> [N, 3, 64, 64] in [-1, 1]."""
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def vae_batch(rng: np.random.Generator, n: int, vocab_share: float = VOCAB_SHARE) -> torch.Tensor:
+    """n training pictures of the VAE: vocab_share of them captioned shapes, the rest broad random scenes."""
+    images = []
+    for _ in range(n):
+        if rng.random() < vocab_share:
+            images.append(toyworld.draw(rng, str(rng.choice(toyworld.SHAPES)), str(rng.choice(list(toyworld.COLOURS)))))
+        else:
+            images.append(toyworld.random_scene(rng))
+    return to_tensor(images)
+
+
+def train_vae(vae, steps: int, rng: np.random.Generator) -> None:
+    """MSE + KL_WEIGHT * KL(q(z|x) || N(0, I)) on fresh pictures every step."""
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        x = vae_batch(rng, VAE_BATCH)
+        mean, logvar = vae.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # the reparameterisation trick
+        mse = F.mse_loss(vae.decode(z, VAE_BATCH), x)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+        optimizer.zero_grad(set_to_none=True)
+        (mse + KL_WEIGHT * kl).backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            print(f"vae step {step}/{steps}: rmse {mse.sqrt().item() * 127.5:.1f}/255, kl {kl.item():.2f}, "
+                  f"{time.time() - t0:.0f} s", flush=True)
+    vae.eval().requires_grad_(False)
+
+
+def finetune_decoder(vae, steps: int, rng: np.random.Generator) -> None:
+    """Fine-tune the decoder alone, on MSE, with the encoder frozen: sharper and truer colours, while the latents,
+    which the UNet has learned, stay exactly as they were. (SD's own improved VAEs, ft-EMA and ft-MSE, were made
+    the same way: only the decoder was fine-tuned.) Half the pictures are of the captions' vocabulary."""
+    decoder = [vae.post_quant_conv, vae.decoder]
+    for m in decoder:
+        m.train().requires_grad_(True)
+    optimizer = torch.optim.Adam([p for m in decoder for p in m.parameters()], lr=VAE_LR)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        x = vae_batch(rng, VAE_BATCH, vocab_share=0.5)
+        with torch.no_grad():
+            mean, logvar = vae.encode(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        mse = F.mse_loss(vae.decode(z, VAE_BATCH), x)
+        optimizer.zero_grad(set_to_none=True)
+        mse.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            print(f"decoder step {step}/{steps}: rmse {mse.sqrt().item() * 127.5:.1f}/255, {time.time() - t0:.0f} s",
+                  flush=True)
+    for m in decoder:
+        m.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def recon_rmse(vae, images) -> float:
+    """Root-mean-square reconstruction error (from the posterior mean) in 0..255 units."""
+    x = to_tensor(images)
+    return ((vae.decode(vae.encode(x)[0], len(x)) - x).pow(2).mean().sqrt() * 127.5).item()
+
+
+def vocabulary_images(rng: np.random.Generator):
+    """The UNet's data set: PER_CAPTION pictures of each (shape, colour). Returns (images, [(shape, colour)])."""
+    labels = [(s, c) for s in toyworld.SHAPES for c in toyworld.COLOURS for _ in range(PER_CAPTION)]
+    return [toyworld.draw(rng, s, c) for s, c in labels], labels
+
+
+@torch.no_grad()
+def encode(vae, images, chunk: int = 200) -> torch.Tensor:
+    """The VAE posteriors of the pictures: [N, 8 (mean, logvar), 8, 8]."""
+    return torch.cat([torch.cat(vae.encode(to_tensor(images[i:i + chunk])), dim=1)
+                      for i in range(0, len(images), chunk)])
+
+
+def caption_contexts(sd):
+    """Every caption the UNet is trained on, and their frozen CLIP contexts: (index of caption, [K, 77, 32])."""
+    captions = [""] + [f"a {s}" for s in toyworld.SHAPES]
+    captions += [f"a {c} {s}" for s in toyworld.SHAPES for c in toyworld.COLOURS]
+    return {text: k for k, text in enumerate(captions)}, sd.encode_text(captions)
+
+
+def train_unet(sd, posteriors, labels, steps: int, rng: np.random.Generator) -> None:
+    """The DDPM loss || eps - eps_theta(x_t, t, c) ||^2 with x_t from eq. 4 (ddim.add_noise); then the EMA
+    weights are copied into the UNet."""
+    unet = sd.unet.train().requires_grad_(True)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=UNET_LR)
+    index, contexts = caption_contexts(sd)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = UNET_LR * min(1.0, step / WARMUP)
+        rows = torch.from_numpy(rng.integers(len(labels), size=UNET_BATCH))
+        captions = [index[toyworld.caption(rng, *labels[i])] for i in rows.tolist()]
+        mean, logvar = posteriors[rows].chunk(2, dim=1)
+        x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * sd.latent_scale
+        t = torch.randint(len(sd.alphas_cumprod), (UNET_BATCH,))
+        noise = torch.randn_like(x0)
+        loss = F.mse_loss(unet(add_noise(x0, noise, t, sd.alphas_cumprod), t, contexts[captions]), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - EMA_DECAY)
+        if step % 100 == 0 or step == steps:
+            print(f"unet step {step}/{steps}: loss {loss.item():.4f}, {time.time() - t0:.0f} s", flush=True)
+    with torch.no_grad():
+        for p, e in zip(unet.parameters(), ema):
+            p.copy_(e)
+    unet.eval().requires_grad_(False)
+
+
+def draw_subject(folder: Path, rng: np.random.Generator, n: int = 5) -> None:
+    """The DreamBooth subject's pictures: the same orange ring (one colour, one band width) at different places
+    and sizes, on different light backgrounds, as photos of one object would be."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        centre, width = toyworld.random_place(rng, 28, 44)
+        toyworld.draw(rng, toyworld.SUBJECT["shape"], toyworld.SUBJECT["colour"], centre=centre,
+                      width=width).save(folder / f"{k:02d}.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    # numpy streams: VAE data, UNet data, captions, subject, decoder data
+    rngs = [np.random.default_rng([args.seed, k]) for k in range(5)]
+    t0 = time.time()
+    sd = dreambooth.load("tiny")  # the random tiny model: its CLIP stays as it is, the VAE and UNet are trained
+
+    train_vae(sd.vae, args.vae_steps, rngs[0])
+    images, labels = vocabulary_images(rngs[1])
+    posteriors = encode(sd.vae, images)
+    mean, logvar = posteriors.chunk(2, dim=1)
+    std = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)).std().item()
+    sd.latent_scale = 1.0 / std  # unit-variance latents for the UNet, as SD's scale_factor
+    print(f"latent std {std:.3f}: latent scale {sd.latent_scale:.4f}; {time.time() - t0:.0f} s so far", flush=True)
+
+    train_unet(sd, posteriors, labels, args.unet_steps, rngs[2])
+    torch.manual_seed(args.seed + 4)
+    finetune_decoder(sd.vae, args.decoder_steps, rngs[4])
+    check = np.random.default_rng([args.seed, 9])
+    rmse = {"vocabulary": recon_rmse(sd.vae, vocabulary_images(check)[0][::200]),
+            "broad": recon_rmse(sd.vae, [toyworld.random_scene(check) for _ in range(48)]),
+            "subject": recon_rmse(sd.vae, [toyworld.draw(check, "ring", toyworld.SUBJECT["colour"])
+                                           for _ in range(48)])}
+    print("vae reconstruction rmse (0..255): " + ", ".join(f"{k} {v:.1f}" for k, v in rmse.items()), flush=True)
+    seconds = time.time() - t0
+    sd.name = "toy"
+    metadata = {"made_by": "make_toy.py", "seed": str(args.seed), "threads": str(args.threads),
+                "vae_steps": str(args.vae_steps), "unet_steps": str(args.unet_steps),
+                "decoder_steps": str(args.decoder_steps),
+                "seconds": f"{seconds:.0f}", "torch": torch.__version__,
+                "vae_rmse": ", ".join(f"{k} {v:.1f}" for k, v in rmse.items()),
+                "captions": "a <colour> <shape> 70 %, a <shape> 20 %, empty 10 %; shapes " +
+                            ", ".join(toyworld.SHAPES) + "; colours " + ", ".join(toyworld.COLOURS)}
+    dreambooth.save(sd, args.out, metadata=metadata)
+    draw_subject(Path(args.subject_dir), rngs[3])
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB) and {args.subject_dir}/ in {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
