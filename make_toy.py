@@ -20,7 +20,6 @@ The pictures come from dreambooth/toyworld.py; nothing is read from disk. Three 
 
 Runs are deterministic for a given --seed and --threads (1 thread is bit-for-bit repeatable on one machine).
 """
-import argparse
 import os
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import cli  # noqa: E402
 import dreambooth  # noqa: E402
 from dreambooth import toyworld  # noqa: E402
 from dreambooth.ddim import add_noise  # noqa: E402
@@ -46,18 +46,13 @@ EMA_DECAY = 0.998    # the saved UNet is the exponential moving average of its w
 PER_CAPTION = 800    # pictures per (shape, colour) in the UNet's data set, encoded once
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default and keeps the line breaks of the examples."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="make_toy.py", formatter_class=HelpFormatter,
-        description="Train the toy model (tiny SD v1 drawing coloured shapes) from scratch, and draw the toy "
-                    "DreamBooth subject (an orange ring).",
-        epilog="examples:\n  python make_toy.py\n  python make_toy.py --threads 1 --out /tmp/toy.safetensors "
-               "--subject-dir /tmp/toy\n  python make_toy.py --vae-steps 50 --unet-steps 50 --decoder-steps 50 "
-               "--out /tmp/quick.safetensors --subject-dir /tmp/toy   # a smoke run")
+    p = cli.parser("make_toy.py", "Train the toy model (tiny SD v1 drawing coloured shapes) from scratch, and draw "
+                   "the toy DreamBooth subject (an orange ring).", [
+                       "python make_toy.py",
+                       "python make_toy.py --threads 1 --out /tmp/toy.safetensors --subject-dir /tmp/toy",
+                       "python make_toy.py --vae-steps 50 --unet-steps 50 --decoder-steps 50 "
+                       "--out /tmp/quick.safetensors --subject-dir /tmp/toy   # a smoke run"])
     p.add_argument("--out", default="dreambooth/toy.safetensors", help="the model file to write")
     p.add_argument("--subject-dir", default="examples/toy", help="where the subject's pictures go")
     p.add_argument("--vae-steps", type=int, default=500, help="VAE optimizer steps")
@@ -244,4 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -22,7 +22,7 @@ from dreambooth.images import a1111_parameters, image_grid, next_index, save_png
 
 def parse_args(argv=None):
     p = cli.parser("sample.py", "Text to image with a Stable Diffusion v1 checkpoint (DDIM sampler).", [
-        'python sample.py --prompt "photo of a dog"                          # weights/sd-v1-4.ckpt, else tiny',
+        'python sample.py --prompt "photo of a dog"                          # weights/sd-v1-4.ckpt, else toy',
         'python sample.py --ckpt runs/dog-20261126/model.safetensors --prompt "a sks dog in the snow"',
         'python sample.py --lora runs/dog-20261126/lora.safetensors:0.8 --prompt "a sks dog in the snow"',
         "python sample.py --ckpt tiny --from-file prompts.txt --n_samples 4 --n_iter 2 --seed 7"])

@@ -54,8 +54,9 @@ def parse_args(argv=None):
     """Returns (args, train_state or None). With --resume DIR, the run's saved settings become the defaults, so
     `--resume DIR` alone continues it; flags given again (e.g. a larger --steps) override them."""
     p = cli.parser("train.py", "DreamBooth fine-tuning of Stable Diffusion v1.", [
-        "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else tiny",
-        "python train.py --instance examples/dog --prior prior/dog --class dog --ckpt tiny --steps 200 --out runs/demo",
+        "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else toy",
+        "python train.py --instance examples/toy --prior prior/circle --class circle --out runs/demo   # the toy model",
+        "python train.py --instance photos/ --prior prior/dog --class dog --lora 16   # a LoRA: runs/.../lora.safetensors",
         "python train.py --resume runs/demo --steps 400                      # continue a run, to step 400"],
         usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
     p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")

@@ -119,7 +119,8 @@ def test_command_line_defaults_to_prior_class_folder(tmp_path):
                              "--ddim-steps", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("make_prior.py: note: no weights/sd-v1-4.ckpt or .safetensors")
-    assert "2 class images of 'photo of a cat' in prior/cat/" in result.stdout.splitlines()[-1]
+    assert "the built-in toy model" in result.stdout.splitlines()[0]
+    assert "2 class images of 'a cat' in prior/cat/" in result.stdout.splitlines()[-1]  # toy prompts: no "photo of"
     assert sorted(p.name for p in (tmp_path / "prior" / "cat").iterdir()) == ["00000.png", "00001.png",
                                                                               "manifest.jsonl"]
 
