@@ -50,9 +50,7 @@ from dreambooth.runlog import Log, Stopped  # noqa: E402
 # Settings. Defaults follow the seed (the original DreamBooth fine-tuning of sd-v1-4): lr 1e-6, 800 steps, batch 1 + 1.
 
 
-def parse_args(argv=None):
-    """Returns (args, train_state or None). With --resume DIR, the run's saved settings become the defaults, so
-    `--resume DIR` alone continues it; flags given again (e.g. a larger --steps) override them."""
+def parser():
     p = cli.parser("train.py", "DreamBooth fine-tuning of Stable Diffusion v1.", [
         "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else toy",
         "python train.py --instance examples/toy --prior prior/circle --class circle --out runs/demo   # the toy model",
@@ -103,6 +101,14 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the preview grids")
     p.add_argument("--save-every", type=int, default=400, help="save every N steps (and at the end); 0 = at the end")
     p.add_argument("--log-every", type=int, default=10, help="log the losses every N steps")
+    return p
+
+
+def parse_args(argv=None):
+    """Returns (args, train_state or None). With --resume DIR, the run's saved settings become the defaults, so
+    `--resume DIR` alone continues it; flags given again (e.g. a larger --steps) override them. With --ckpt toy,
+    cli.TOY_DEFAULTS are the defaults."""
+    p = parser()
     args, state = p.parse_args(argv), None
     if not args.resume:
         args = cli.with_toy_defaults(p, args, argv, "train.py")
