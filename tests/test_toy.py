@@ -37,3 +37,19 @@ def test_dreambooth_teaches_the_toy_model_its_subject(tmp_path):
     print(f"subject {subject}/16, blue triangles still blue {blue}/16")
     assert subject >= 8
     assert blue >= 12
+
+
+def test_the_measure_reads_drawn_pictures():
+    """toyworld's classical measure, which the DreamBooth checks rely on, names the colour and shape of freshly
+    drawn pictures (benchmarks/toy.py checks it on 650 more), and tells the subject from a plain orange circle."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    for shape in toyworld.SHAPES:
+        for colour in toyworld.COLOURS:
+            for _ in range(4):
+                image = toyworld.draw(rng, shape, colour)
+                assert (toyworld.dominant_colour(image), toyworld.shape_of(image)) == (colour, shape)
+    subject = toyworld.SUBJECT
+    assert all(toyworld.is_subject(toyworld.draw(rng, subject["shape"], subject["colour"])) for _ in range(8))
+    assert not any(toyworld.is_subject(toyworld.draw(rng, "circle", subject["colour"])) for _ in range(8))
