@@ -235,6 +235,19 @@ def reference_pipeline(sd):
     return pipe
 
 
+def single_file_pipeline(path, sd, folder: Path):
+    """diffusers' StableDiffusionPipeline.from_single_file on our file `path` (which holds `sd`), the way users open
+    our files in diffusers: its config written to `folder` first (no download), fp32, no safety checker."""
+    import diffusers
+
+    write_diffusers_config(folder, sd)
+    pipe = diffusers.StableDiffusionPipeline.from_single_file(
+        str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32, safety_checker=None,
+        feature_extractor=None, tokenizer=reference_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def write_diffusers_config(folder: Path, sd) -> None:
     """A local StableDiffusionPipeline config folder with the sizes of our StableDiffusion `sd`, for diffusers'
     `from_single_file(..., config=folder)` (no download)."""

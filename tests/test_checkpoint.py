@@ -14,7 +14,7 @@ import dreambooth
 from dreambooth.checkpoint import CLIP, UNET, VAE, CheckpointError
 from dreambooth.unet import UNetConfig
 from tests.references import (assert_close, compvis_schedule, diffusers_unet_config, parity_inputs,
-                              write_diffusers_config, write_lightning_ckpt)
+                              single_file_pipeline, write_lightning_ckpt)
 
 
 # ---- full size: both formats against diffusers / transformers --------------------------------
@@ -160,15 +160,10 @@ def test_ema_weights_follow_diffusers_naming(tiny_file, tmp_path):
 
 @torch.no_grad()
 def test_saved_file_opens_in_diffusers_pipeline(tmp_path):
-    import diffusers
-
     path = tmp_path / "tiny.safetensors"
     dreambooth.save(dreambooth.load("tiny"), path)
     sd = dreambooth.load(path)
-    write_diffusers_config(tmp_path / "config", sd)
-    pipe = diffusers.StableDiffusionPipeline.from_single_file(
-        str(path), config=str(tmp_path / "config"), local_files_only=True, torch_dtype=torch.float32,
-        safety_checker=None, feature_extractor=None, tokenizer=None)
+    pipe = single_file_pipeline(path, sd, tmp_path / "config")
     inputs = parity_inputs(sd.unet.config, sd.text_encoder.config, latent=8, image=32)
     expected = pipe.unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["context"]).sample
     assert_close(sd.unet(inputs["x"], inputs["t"], inputs["context"]), expected)

@@ -3,10 +3,10 @@ whole text-to-image path (generate) against diffusers' StableDiffusionPipeline."
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 
 from dreambooth.ddim import add_noise, ddim_sample, ddim_timesteps, guided_eps_fn, sd_alphas_cumprod
-from tests.references import reference_tokenizer, sd_v1_ddim, write_diffusers_config
+from tests.references import sd_v1_ddim, single_file_pipeline
 
 
 class ToyEps(torch.nn.Module):
@@ -128,11 +128,7 @@ def tiny_and_pipeline(tmp_path_factory):
     path = folder / "tiny.safetensors"
     dreambooth.save(dreambooth.load("tiny"), path, dtype=torch.float32)
     sd = dreambooth.load(path)
-    write_diffusers_config(folder / "config", sd)
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(folder / "config"), local_files_only=True, torch_dtype=torch.float32,
-        safety_checker=None, feature_extractor=None, tokenizer=reference_tokenizer())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = single_file_pipeline(path, sd, folder / "config")
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.steps_offset == 1
     return sd, pipe
 

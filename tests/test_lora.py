@@ -12,7 +12,7 @@ import train
 from dreambooth.generate import generate
 from dreambooth.lora import LoRA, kohya_name, load_lora, save_lora, target_layers
 from tests.conftest import run
-from tests.references import assert_close, random_lora, reference_pipeline
+from tests.references import assert_close, random_lora, reference_pipeline, single_file_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,22 +64,6 @@ def test_full_size_training_writes_what_diffusers_loads(sd_v1_files, photos, tmp
     pipe = reference_pipeline(dreambooth.load(sd_v1_files.safetensors))
     pipe.load_lora_weights(str(out / "lora.safetensors"), adapter_name="trained")
     assert lora_layers(pipe, "trained") == 16 * 12 + 12 * 6 == len(load_file(out / "lora.safetensors")) // 3
-
-
-def tiny_pipeline(folder, sd):
-    """diffusers' pipeline from a file of sd written by dreambooth.save (config from a local folder, no download)."""
-    from diffusers import StableDiffusionPipeline
-
-    from tests.references import reference_tokenizer, write_diffusers_config
-
-    path = folder / "base.safetensors"
-    dreambooth.save(sd, path, dtype=torch.float32)
-    write_diffusers_config(folder / "config", sd)
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(folder / "config"), local_files_only=True, torch_dtype=torch.float32,
-        safety_checker=None, feature_extractor=None, tokenizer=reference_tokenizer())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def test_our_layer_names_are_diffusers_modules():
@@ -175,7 +159,8 @@ def test_training_writes_a_lora_diffusers_loads_and_resumes_exactly(photos, tmp_
         torch.testing.assert_close(w, w_expected.half().float(), rtol=0, atol=1e-3, msg=name)
     assert not torch.equal(merged.unet.input_blocks[1][1].proj_in.weight, base.unet.input_blocks[1][1].proj_in.weight)
 
-    pipe = tiny_pipeline(tmp_path, base)
+    dreambooth.save(base, tmp_path / "base.safetensors", dtype=torch.float32)
+    pipe = single_file_pipeline(tmp_path / "base.safetensors", base, tmp_path / "config")
     pipe.load_lora_weights(str(out / "lora.safetensors"))
     assert lora_layers(pipe) == 16 * 12 + 2 * 6
 

@@ -163,16 +163,13 @@ def test_run_opens_in_sample_py(photos, tmp_path):
 
 
 def test_saved_model_opens_in_diffusers(photos, tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    from tests.references import write_diffusers_config
+    pytest.importorskip("diffusers")
+    from tests.references import single_file_pipeline
 
     out = tmp_path / "run"
     run(photos, out, "--steps", "2", "--lr", "1e-3")
     sd = dreambooth.load(out / "model.safetensors")
-    write_diffusers_config(tmp_path / "config", sd)
-    pipe = diffusers.StableDiffusionPipeline.from_single_file(
-        str(out / "model.safetensors"), config=str(tmp_path / "config"), local_files_only=True,
-        safety_checker=None, feature_extractor=None, tokenizer=None, torch_dtype=torch.float32)
+    pipe = single_file_pipeline(out / "model.safetensors", sd, tmp_path / "config")
     x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(sd.unet(x, t, context), pipe.unet(x, t, encoder_hidden_states=context).sample,
