@@ -20,7 +20,6 @@ previews and saving; setup; then main() and the loop. The optimizer and the CUDA
 in dreambooth/speed.py.
 """
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -151,7 +150,6 @@ def resolve_defaults(args):
         args.lr = 1e-4 if args.lora else 1e-6
         print(f"learning rate {args.lr:g}" + (" (LoRA's usual; --lr sets another)" if args.lora else ""))
     args.lora_alpha = args.lora_alpha or args.lora
-    args.ckpt = args.ckpt or cli.default_checkpoint("train.py")
     args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
     if not args.prior_prompt:
         manifest = Path(args.prior or "", "manifest.jsonl")
@@ -416,11 +414,13 @@ def save(out, sd, trained, optimizer, step, args, generator, log):
     state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
              **optimizer.state_dict(), "data_rng": generator.get_state(), "log": log.state()}
     try:
-        if args.lora:
+        if not args.lora:
+            dreambooth.save(sd, out / "model.safetensors")
+        else:
             save_lora(trained["lora"], out / "lora.safetensors", kohya_metadata(args, step))
-        if args.save_merged or not args.lora:
-            with trained["lora"].merged() if args.lora else contextlib.nullcontext():
-                dreambooth.save(sd, out / "model.safetensors")
+            if args.save_merged:
+                with trained["lora"].merged():
+                    dreambooth.save(sd, out / "model.safetensors")
         write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError, SafetensorError) as e:
         params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())

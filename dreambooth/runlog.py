@@ -78,10 +78,13 @@ class Log:
     @contextlib.contextmanager
     def peak_not_counted(self):
         """For the previews: the steps' peak memory so far is kept, the preview's is not counted."""
-        if self.device.type == "cuda":
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) / 2**30)
+        self._note_peak()
         yield
         self._reset_peak()
+
+    def _note_peak(self):
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) / 2**30)
 
     def _reset_peak(self):
         if self.device.type == "cuda":
@@ -89,9 +92,9 @@ class Log:
 
     def summary(self, steps):
         seconds = time.time() - self.t0
-        with self.peak_not_counted():
-            memory = f", peak GPU memory {self.peak:.1f} GiB in the steps (previews not counted)" \
-                if self.device.type == "cuda" else ""
+        self._note_peak()
+        memory = f", peak GPU memory {self.peak:.1f} GiB in the steps (previews not counted)" \
+            if self.device.type == "cuda" else ""
         print(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s{memory})")
 
     def close(self):
