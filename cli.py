@@ -2,7 +2,9 @@
 layout of their --help, and how they exit. The package (dreambooth/) speaks in values and raises ValueError;
 this module turns those into flags and one-line messages for a person."""
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
@@ -44,24 +46,48 @@ def check_model_flags(p, args):
         p.error(f"--device {args.device}: CUDA is not available here")
 
 
+def number(kind=int, low=0, high=None, multiple_of=1, why=""):
+    """An argparse type: a number from `low` (to `high`; a multiple of `multiple_of`). argparse's error names the
+    flag: "argument --steps: 0: must be at least 1"."""
+    rule = (f"a positive multiple of {multiple_of}" if multiple_of > 1 else
+            f"from {low} to {high}" if high is not None else f"at least {low}")
+
+    def parse(text):
+        value = kind(text)
+        if value < low or (high is not None and value > high) or (multiple_of > 1 and value % multiple_of):
+            raise argparse.ArgumentTypeError(f"{text}: must be {rule}{why}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+IMAGE_SIZE = number(low=8, multiple_of=8, why=" (the VAE works on 8x8 pixel blocks)")
+
+
+def add_sampling_flags(p, scale):
+    """The flags sample.py and make_prior.py share: the model, the sampler, the image size, the device."""
+    p.add_argument("--ckpt", help=CKPT_HELP)
+    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
+                                                 "e.g. vae-ft-mse-840000-ema-pruned")
+    p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_and_scale,
+                   help="a LoRA file (kohya's format, e.g. a run's lora.safetensors) merged into the model at SCALE "
+                        "(default 1.0) before sampling; repeatable")
+    p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", default=50, help="DDIM steps",
+                   type=number(low=1, high=999, why=" (the model was trained on 1000 timesteps)"))
+    p.add_argument("--scale", type=float, default=scale, help="classifier-free guidance scale")
+    p.add_argument("--H", type=IMAGE_SIZE, help="image height, a multiple of 8; default the model's (512; toy: 64)")
+    p.add_argument("--W", type=IMAGE_SIZE, help="image width, a multiple of 8; default the model's (512; toy: 64)")
+    p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
+                   help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto: cuda if available")
+
+
 def check_sampling_flags(p, args):
-    """The flags sample.py and make_prior.py share: --H, --W, --ddim_steps, and the model's."""
-    for flag in ("H", "W"):
-        size = getattr(args, flag)
-        if size is not None and (size <= 0 or size % 8):
-            p.error(f"--{flag} {size}: must be a positive multiple of 8 (the VAE works on 8x8 pixel blocks)")
-    if not 1 <= args.ddim_steps <= 999:
-        p.error(f"--ddim_steps {args.ddim_steps}: must be from 1 to 999 (the model was trained on 1000 timesteps)")
+    """The LoRA files exist, and the model's flags are right."""
     for path, _ in args.lora or []:
         if not Path(path).is_file():
             p.error(f"--lora {path}: no such file")
     check_model_flags(p, args)
-
-
-def add_lora_flag(p):
-    p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_and_scale,
-                   help="a LoRA file (kohya's format, e.g. a run's lora.safetensors) merged into the model at SCALE "
-                        "(default 1.0) before sampling; repeatable")
 
 
 def lora_and_scale(value):
@@ -166,6 +192,23 @@ def progress(**kwargs):
 
 def interactive():
     return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def ctrl_c_asks_to_stop():
+    """Inside, Ctrl-C does not interrupt: it appends to the list this yields, so a loop can finish its step, save and
+    stop. A second Ctrl-C interrupts at once."""
+    asked = []
+
+    def on_ctrl_c(signum, frame):
+        asked.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(main):

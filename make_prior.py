@@ -39,22 +39,12 @@ def parse_args(argv=None):
         usage="make_prior.py --class NAME [options]  |  make_prior.py --prompt TEXT --outdir DIR [options]")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='the class of the subject, e.g. "dog"')
     p.add_argument("--prompt", help='default "photo of a {class}"')
-    p.add_argument("--num", type=int, default=200, help="how many images the folder should hold")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4,
+    p.add_argument("--num", type=cli.number(low=1), default=200, help="how many images the folder should hold")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=cli.number(low=1), default=4,
                    help="images made at once (8 fits a 16 GB GPU at 512 px)")
-    p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale")
-    p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--outdir", help="default prior/<class>")
-    p.add_argument("--ckpt", help=cli.CKPT_HELP)
-    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
-                                                 "e.g. vae-ft-mse-840000-ema-pruned")
-    cli.add_lora_flag(p)
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
-    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; toy, tiny: 64)")
-    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; toy, tiny: 64)")
-    p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
-                   help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
-    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto: cuda if available")
+    cli.add_sampling_flags(p, scale=10.0)
     args = p.parse_args(argv)
 
     if not args.class_name and not args.prompt:
@@ -64,9 +54,6 @@ def parse_args(argv=None):
     args = cli.with_toy_defaults(p, args, argv, "make_prior.py")
     args.prompt = args.prompt or cli.prompt_for(args.ckpt, args.class_name)
     args.outdir = Path(args.outdir or Path("prior", args.class_name))
-    for flag in ("num", "batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     cli.check_sampling_flags(p, args)
     return args
 

@@ -32,28 +32,18 @@ def parse_args(argv=None):
                       help="a text file with one prompt a line, instead of --prompt")
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
                    help='what to steer away from (the "unconditional" prompt of guidance)')
-    p.add_argument("--ckpt", help=cli.CKPT_HELP)
+    cli.add_sampling_flags(p, scale=7.5)
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (the -full-ema files)")
-    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
-                                                 "e.g. vae-ft-mse-840000-ema-pruned")
-    cli.add_lora_flag(p)
     p.add_argument("--outdir", default="outputs/samples", help="where the PNGs go")
-    p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--ddim_eta", "--ddim-eta", dest="ddim_eta", type=float, default=0.0,
+    p.add_argument("--ddim_eta", "--ddim-eta", dest="ddim_eta", type=cli.number(float), default=0.0,
                    help="0 = deterministic DDIM, 1 = as much fresh noise per step as DDPM")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--n_samples", "--n-samples", dest="n_samples", type=int, default=1,
+    p.add_argument("--n_samples", "--n-samples", dest="n_samples", type=cli.number(low=1), default=1,
                    help="batch size: images made at once (1 is light enough for a CPU; 3-4 on a GPU)")
-    p.add_argument("--n_iter", "--n-iter", dest="n_iter", type=int, default=1,
+    p.add_argument("--n_iter", "--n-iter", dest="n_iter", type=cli.number(low=1), default=1,
                    help="how many times to go through the prompts")
-    p.add_argument("--H", type=int, help="image height, a multiple of 8; default the model's (512; toy, tiny: 64)")
-    p.add_argument("--W", type=int, help="image width, a multiple of 8; default the model's (512; toy, tiny: 64)")
     p.add_argument("--seed", type=int, default=42, help="image k of the run uses seed + k")
     p.add_argument("--skip_grid", "--skip-grid", dest="skip_grid", action="store_true",
                    help="do not write the grid of all the run's images")
-    p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
-                   help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
-    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto: cuda if available")
     args = p.parse_args(argv)
 
     if args.from_file:
@@ -64,11 +54,6 @@ def parse_args(argv=None):
             p.error(f"--from-file {args.from_file}: no prompts in it")
     else:
         args.prompts = [args.prompt] * args.n_samples  # as in stable_txt2img.py: one batch of the same prompt
-    for flag in ("n_samples", "n_iter"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.ddim_eta < 0:
-        p.error(f"--ddim_eta {args.ddim_eta}: must be >= 0")
     cli.check_sampling_flags(p, args)
     return args
 

@@ -102,9 +102,9 @@ def test_refuses_to_mix_settings_in_one_folder(reference, tmp_path, change, mess
 
 @pytest.mark.parametrize("flags, message", [
     ([], "--class NAME is required"),
-    (["--class", "dog", "--H", "100"], "--H 100: must be a positive multiple of 8"),
-    (["--class", "dog", "--num", "0"], "--num 0: must be at least 1"),
-    (["--class", "dog", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--class", "dog", "--H", "100"], "argument --H: 100: must be a positive multiple of 8"),
+    (["--class", "dog", "--num", "0"], "argument --num: 0: must be at least 1"),
+    (["--class", "dog", "--batch-size", "0"], "argument --batch-size/--batch_size: 0: must be at least 1"),
     (["--class", "dog", "--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: no such file"),
 ])
 def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):

@@ -98,16 +98,16 @@ def test_prompts_from_file_with_iterations_and_eta(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--prompt", "x", "--H", "100"], "--H 100: must be a positive multiple of 8"),
-    (["--prompt", "x", "--W", "0"], "--W 0: must be a positive multiple of 8"),
+    (["--prompt", "x", "--H", "100"], "argument --H: 100: must be a positive multiple of 8"),
+    (["--prompt", "x", "--W", "0"], "argument --W: 0: must be a positive multiple of 8"),
     (["--prompt", "x", "--ckpt", "no/such/file.ckpt"], "--ckpt no/such/file.ckpt: no such file"),
     (["--from-file", "no/such/prompts.txt"], "--from-file no/such/prompts.txt: no such file"),
     ([], "one of the arguments --prompt --from-file/--from_file is required"),
     (["--prompt", "x", "--from-file", "p.txt"], "argument --from-file/--from_file: not allowed with argument --prompt"),
-    (["--prompt", "x", "--ddim_steps", "0"], "--ddim_steps 0: must be from 1 to 999"),
-    (["--prompt", "x", "--ddim_steps", "1000"], "--ddim_steps 1000: must be from 1 to 999"),
-    (["--prompt", "x", "--n_samples", "0"], "--n_samples 0: must be at least 1"),
-    (["--prompt", "x", "--ddim_eta", "-1"], "--ddim_eta -1.0: must be >= 0"),
+    (["--prompt", "x", "--ddim_steps", "0"], "argument --ddim_steps/--ddim-steps: 0: must be from 1 to 999"),
+    (["--prompt", "x", "--ddim_steps", "1000"], "argument --ddim_steps/--ddim-steps: 1000: must be from 1 to 999"),
+    (["--prompt", "x", "--n_samples", "0"], "argument --n_samples/--n-samples: 0: must be at least 1"),
+    (["--prompt", "x", "--ddim_eta", "-1"], "argument --ddim_eta/--ddim-eta: -1: must be at least 0"),
     (["--prompt", "x", "--precision", "half"], "argument --precision: invalid choice"),
 ])
 def test_bad_flags_are_refused_with_a_clear_message(flags, message, capsys):
