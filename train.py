@@ -14,18 +14,13 @@ with the noise prediction of Stable Diffusion:
     L = || eps_theta(x_t, t, c_instance) - eps ||^2  +  lambda * || eps_theta(x'_t', t', c_prior) - eps' ||^2
 
 x_t noises the VAE latent of a subject photo and x'_t' that of a prior image (DDPM eq. 4, see
-`dreambooth.ddim.add_noise`); lambda is --prior-weight. The file reads top to bottom: settings; one
-training step (the loss, what a step draws, the step as a call, replayed from a CUDA graph on a GPU);
-previews and saving; setup; then main() and the loop. The optimizer and the CUDA graph themselves are
-in dreambooth/speed.py.
+`dreambooth.ddim.add_noise`); lambda is --prior-weight. The file reads top to bottom: one training step
+(the loss, what a step draws, the step as a call, replayed from a CUDA graph on a GPU); previews and
+saving; setup; then main() and the loop. The settings (flags, their defaults, --resume's) are in
+train_settings.py; the optimizer and the CUDA graph in dreambooth/speed.py.
 """
-import argparse
-import json
 import os
-import shutil
-import signal
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
@@ -39,125 +34,12 @@ import dreambooth  # noqa: E402
 from dreambooth import speed  # noqa: E402
 from dreambooth.data import Photos, encode_posteriors  # noqa: E402
 from dreambooth.ddim import add_noise  # noqa: E402
-from dreambooth.files import write_atomic  # noqa: E402
+from dreambooth.files import why_write_failed, write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
-from dreambooth.lora import LoRA, save_lora  # noqa: E402
+from dreambooth.lora import LoRA, kohya_metadata, save_lora  # noqa: E402
 from dreambooth.runlog import Log, Stopped  # noqa: E402
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Settings. Defaults follow the seed (the original DreamBooth fine-tuning of sd-v1-4): lr 1e-6, 800 steps, batch 1 + 1.
-
-
-def parser():
-    p = cli.parser("train.py", "DreamBooth fine-tuning of Stable Diffusion v1.", [
-        "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else toy",
-        "python train.py --instance examples/toy --prior prior/circle --class circle --out runs/demo   # the toy model",
-        "python train.py --instance photos/ --prior prior/dog --class dog --lora 16   # a LoRA: runs/.../lora.safetensors",
-        "python train.py --resume runs/demo --steps 400                      # continue a run, to step 400"],
-        usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
-    p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
-    p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
-    p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
-    p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
-    p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
-    p.add_argument("--prior-prompt", help="default: the prompt in the prior folder's manifest.jsonl, "
-                                          'else "photo of a {class}"')
-    p.add_argument("--ckpt", help=cli.CKPT_HELP)
-    p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
-    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
-                                                 "(the photos are encoded with the checkpoint's own)")
-    p.add_argument("--resolution", type=int,
-                   help="image size, a multiple of 8; default the model's (512; toy, tiny: 64)")
-    p.add_argument("--steps", type=int, default=800, help="optimizer steps in total")
-    p.add_argument("--batch-size", type=int, default=1, help="subject images per step, plus as many prior images")
-    p.add_argument("--lr", type=float, help="AdamW learning rate; default 1e-6, with --lora 1e-4")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up over N steps")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
-    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of eq. 2: weight of the prior loss")
-    p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the CLIP text encoder too")
-    p.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank instead of "
-                   "the whole model, written to lora.safetensors (kohya's format); 0 = off")
-    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
-                                                    "default RANK")
-    p.add_argument("--save-merged", action="store_true", help="with --lora, also write the model with the LoRA "
-                                                              "merged in as model.safetensors")
-    p.add_argument("--seed", type=int, default=42, help="seed of all randomness: data order, flips, noise, t")
-    p.add_argument("--device", help="cuda, cpu, cuda:1, ...; default cuda if available, else cpu")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
-                                                                         "Default bf16 on CUDA, fp32 elsewhere")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute UNet activations in backward: less memory, slower steps; default on only where "
-                        "the GPU could not hold the run without it")
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, record the whole step once as a CUDA graph and replay it")
-    p.add_argument("--no-cache", action="store_true", help="encode the images with the VAE every step")
-    p.add_argument("--no-step-in-backward", action="store_true",
-                   help="plain optimizer loop instead of stepping each weight as soon as its gradient is ready")
-    p.add_argument("--out", metavar="DIR", help="run folder; default runs/<class>-<date>")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
-    p.add_argument("--sample-every", type=int, default=200, help="write a preview grid every N steps; 0 = off")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the preview grids")
-    p.add_argument("--save-every", type=int, default=400, help="save every N steps (and at the end); 0 = at the end")
-    p.add_argument("--log-every", type=int, default=10, help="log the losses every N steps")
-    return p
-
-
-def parse_args(argv=None):
-    """Returns (args, train_state or None). With --resume DIR, the run's saved settings become the defaults, so
-    `--resume DIR` alone continues it; flags given again (e.g. a larger --steps) override them. With --ckpt toy,
-    cli.TOY_DEFAULTS are the defaults."""
-    p = parser()
-    args, state = p.parse_args(argv), None
-    if not args.resume:
-        args = cli.with_toy_defaults(p, args, argv, "train.py")
-    if args.resume:
-        path = Path(args.resume) / "train_state.pt"
-        if not path.is_file():
-            p.error(f"--resume {args.resume}: no train_state.pt in it")
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        p.set_defaults(**state["args"])
-        args = p.parse_args(argv)
-        args.out = args.resume
-        if args.lora != state["args"].get("lora", 0):  # what train_state.pt holds: the adapters, or the model
-            p.error(f"--lora {args.lora}: {args.resume} was trained with --lora {state['args'].get('lora', 0)}")
-    check_args(p, args)
-    return args, state
-
-
-def check_args(p, args):
-    if not args.instance:
-        p.error("--instance DIR is required")
-    if not args.class_name and not (args.instance_prompt and args.prior_prompt):
-        p.error("--class NAME is required unless both --instance-prompt and --prior-prompt are given")
-    for flag in ("steps", "batch_size", "log_every", "sample_steps"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    for flag in ("lr", "warmup_steps", "clip_grad", "prior_weight", "sample_every", "save_every", "lora"):
-        if (getattr(args, flag) or 0) < 0:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must not be negative")
-    if args.save_merged and not args.lora:
-        p.error("--save-merged: only with --lora (a full fine-tuning always writes model.safetensors)")
-    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
-        p.error(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE downsamples by 8)")
-    cli.check_model_flags(p, args)
-
-
-def resolve_defaults(args):
-    """Fill in the defaults that depend on the machine, the files or the time, so train_state.pt records them."""
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    if args.lr is None:
-        args.lr = 1e-4 if args.lora else 1e-6
-        print(f"learning rate {args.lr:g}" + (" (LoRA's usual; --lr sets another)" if args.lora else ""))
-    args.lora_alpha = args.lora_alpha or args.lora
-    args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
-    if not args.prior_prompt:
-        manifest = Path(args.prior or "", "manifest.jsonl")
-        lines = manifest.read_text().splitlines() if args.prior and manifest.is_file() else []
-        args.prior_prompt = json.loads(lines[0]).get("prompt") if lines else None
-        args.prior_prompt = args.prior_prompt or cli.prompt_for(args.ckpt, args.class_name)
-    args.out = args.out or f"runs/{args.class_name or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
-
+from train_settings import parse_args, resolve_defaults  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One training step: the loss, what a step draws, and the step itself.
@@ -259,7 +141,8 @@ def choose_grad_checkpointing(args, unet, params, images_per_step, after_backwar
 # ----------------------------------------------------------------------------------------------------------------------
 # Previews, saving and resuming. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI,
 # diffusers). train_state.pt holds everything else needed to continue exactly: the fp32 weights being trained
-# (continuing from the fp16 copy would round them), the optimizer states, the step, the RNG states and the settings.
+# (continuing from the fp16 copy would round them), the optimizer states, the step, the data generator's state
+# and the settings.
 
 
 @torch.no_grad()
@@ -417,7 +300,11 @@ def save(out, sd, trained, optimizer, step, args, generator, log):
         if not args.lora:
             dreambooth.save(sd, out / "model.safetensors")
         else:
-            save_lora(trained["lora"], out / "lora.safetensors", kohya_metadata(args, step))
+            comment = (f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
+                       f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step")
+            save_lora(trained["lora"], out / "lora.safetensors", kohya_metadata(
+                args.lora, args.lora_alpha, Path(args.ckpt).name, learning_rate=args.lr, steps=step,
+                max_train_steps=args.steps, seed=args.seed, resolution=args.resolution, training_comment=comment))
             if args.save_merged:
                 with trained["lora"].merged():
                     dreambooth.save(sd, out / "model.safetensors")
@@ -425,64 +312,40 @@ def save(out, sd, trained, optimizer, step, args, generator, log):
     except (OSError, RuntimeError, SafetensorError) as e:
         params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
         trained_params = sum(p.numel() for m in trained.values() for p in m.parameters())
-        need, free = 2 * params + 12 * trained_params, shutil.disk_usage(out).free  # fp16 model; fp32 weights, moments
-        why = f"{free / 1e6:.0f} MB free in {out}, and a save needs about {need / 1e6:.0f} MB" if free < need else \
-            (str(e).splitlines() or [type(e).__name__])[0]
-        raise log.stop(f"saving step {step} failed: {why}") from None
+        need = 2 * params + 12 * trained_params  # the fp16 model; the fp32 trained weights and their two moments
+        raise log.stop(f"saving step {step} failed: {why_write_failed(e, out, need)}") from None
     log.saved_step = step
 
 
-def kohya_metadata(args, step):
-    """The LoRA file's metadata, under the names kohya's sd-scripts give them (A1111 and ComfyUI show them)."""
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(args.lora),
-            "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sd_v1",
-            "ss_sd_model_name": Path(args.ckpt).name, "ss_learning_rate": str(args.lr), "ss_steps": str(step),
-            "ss_max_train_steps": str(args.steps), "ss_seed": str(args.seed), "ss_resolution": str(args.resolution),
-            "ss_training_comment": f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
-                                   f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step"}
-
-
 def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
-    """The loop: one step, then logging, previews and saves when they are due."""
+    """The loop: one step, then logging, previews and saves when they are due. Ctrl-C stops it after the step, saved."""
     out, start = Path(args.out), log.start
     subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
     sample_prompts = [args.instance_prompt, f"a {subject} in the snow", f"a {subject} on the beach",
                       f"a painting of a {subject}", args.prior_prompt]
     sample_seeds = [args.seed + k for k in range(len(sample_prompts))]
-    stop = []  # Ctrl-C asks to stop; the loop finishes its step first, so the saved state is a whole step
-
-    def on_ctrl_c(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
-
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    bar = cli.progress(total=args.steps, initial=start, unit="step")
-    try:
-        for step in range(start + 1, args.steps + 1):
-            optimizer.set_lr(lr_at(step, args))
-            log.pending.append(step_fn(generator))
-            bar.update()
-            sample_now = args.sample_every and (step % args.sample_every == 0 or step == args.steps)
-            save_now = (args.save_every and step % args.save_every == 0) or step == args.steps or stop
-            if step % args.log_every == 0 or step == args.steps:
-                bar.set_postfix(loss=f"{log.write(step, lr_at(step, args)):.4f}")
-            if sample_now:
-                with log.peak_not_counted():
-                    preview(preview_sd, sample_prompts, sample_seeds, args, out / "samples" / f"step-{step:05d}.png")
-            if save_now:
-                log.check(step)
-                if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):
-                    raise log.stop(f"the weights are not finite after step {step}", diverged=True)
-                save(out, sd, trained, optimizer, step, args, generator, log)
-            if stop:
-                print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
-                raise SystemExit(130)
-    except OSError as e:  # writing the log or a preview: a full disk, say
-        raise log.stop(f"writing in {out} failed at step {step} ({e.strerror or e})") from None
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        bar.close()
-        log.close()
+    with cli.ctrl_c_asks_to_stop() as stop, cli.progress(total=args.steps, initial=start, unit="step") as bar, log:
+        try:
+            for step in range(start + 1, args.steps + 1):
+                optimizer.set_lr(lr_at(step, args))
+                log.pending.append(step_fn(generator))
+                bar.update()
+                if step % args.log_every == 0 or step == args.steps:
+                    bar.set_postfix(loss=f"{log.write(step, lr_at(step, args)):.4f}")
+                if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+                    with log.peak_not_counted():
+                        grid = out / "samples" / f"step-{step:05d}.png"
+                        preview(preview_sd, sample_prompts, sample_seeds, args, grid)
+                if (args.save_every and step % args.save_every == 0) or step == args.steps or stop:
+                    log.check(step)
+                    if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):
+                        raise log.stop(f"the weights are not finite after step {step}", diverged=True)
+                    save(out, sd, trained, optimizer, step, args, generator, log)
+                if stop:
+                    print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
+                    raise SystemExit(130)
+        except OSError as e:  # writing the log or a preview: a full disk, say
+            raise log.stop(f"writing in {out} failed at step {step} ({e.strerror or e})") from None
     log.summary(args.steps - start)
     lora = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else ""
     print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: dreambooth/, train.py, benchmarks/
 
 import train  # noqa: E402
+import train_settings  # noqa: E402
 from dreambooth import StableDiffusion, Tokenizer  # noqa: E402
 from dreambooth.clip import CLIPConfig, CLIPTextModel  # noqa: E402
 from dreambooth.ddim import sd_alphas_cumprod  # noqa: E402
@@ -135,12 +136,12 @@ def random_sd(sizes, device, dtype) -> StableDiffusion:
 
 def ours_step(sizes, device, graph, checkpointing, train_text_encoder, lora=0):
     """train.py from its setup on, with this row's flags: make_step on random weights and two random photos."""
-    args, _ = train.parse_args([
+    args, _ = train_settings.parse_args([
         "--instance", "unused", "--class", "dog", "--ckpt", "tiny", "--device", str(device), "--lr", "1e-6",
         "--resolution", str(sizes.resolution), f"--{'' if checkpointing else 'no-'}grad-checkpointing",
         f"--{'' if graph else 'no-'}cuda-graph", *(["--train-text-encoder"] if train_text_encoder else []),
         "--lora", str(lora)])
-    train.resolve_defaults(args)
+    train_settings.resolve_defaults(args)
     sd = random_sd(sizes, device, torch.float32)
     photos = torch.rand(2, 3, sizes.resolution, sizes.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with contextlib.redirect_stdout(io.StringIO()):  # make_step's notices

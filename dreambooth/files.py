@@ -1,5 +1,6 @@
 """Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it where a whole one was."""
 import os
+import shutil
 from pathlib import Path
 
 
@@ -26,3 +27,12 @@ def write_atomic(path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def why_write_failed(error: BaseException, folder, need_bytes: int) -> str:
+    """One line on a failed write of about need_bytes into folder: the free space where it is short, else the error's
+    first line (safetensors' disk-full errors run to seven)."""
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        return f"{free / 1e6:.0f} MB free in {folder}, and it needs about {need_bytes / 1e6:.0f} MB"
+    return (str(error).splitlines() or [type(error).__name__])[0]

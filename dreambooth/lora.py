@@ -133,6 +133,14 @@ def save_lora(lora: LoRA, path: str | os.PathLike, metadata: dict[str, str] | No
     write_atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
 
 
+def kohya_metadata(rank: int, alpha: float, base_model: str, **training) -> dict[str, str]:
+    """A LoRA file's metadata under the names kohya's sd-scripts give it (A1111 and ComfyUI show them): the network,
+    the base model, and ss_<name> for each training setting given (learning_rate=1e-4 -> ss_learning_rate)."""
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_base_model_version": "sd_v1", "ss_sd_model_name": base_model} | {
+            f"ss_{name}": str(value) for name, value in training.items()}
+
+
 def load_lora(sd, path: str | os.PathLike, scale: float = 1.0) -> None:
     """Merge a kohya-format LoRA file for SD v1 (ours, or another tool's) into sd's weights, in place:
     W0 += scale * (alpha / r) * up @ down. Sampling then costs what it costs without a LoRA. A file that is not

@@ -97,5 +97,8 @@ class Log:
             if self.device.type == "cuda" else ""
         print(f"done: {steps} steps in {seconds:.0f} s ({steps / seconds:.2f} steps/s{memory})")
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.file.close()

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 import dreambooth
 import train
+import train_settings
 from dreambooth import speed
 from dreambooth.images import load_image
 from dreambooth.vae import LATENT_SCALE
@@ -62,9 +63,9 @@ def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt, clip_g
 
 def make_step(photos, *flags):
     """train.py's own setup of the step on the tiny model, as main() makes it."""
-    args, _ = train.parse_args(["--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
+    args, _ = train_settings.parse_args(["--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
                                 "--class", "dog", "--ckpt", "tiny", "--device", "cpu", "--resolution", "64", *flags])
-    train.resolve_defaults(args)
+    train_settings.resolve_defaults(args)
     sd, images, n_instance, n_prior = train.load_model_and_photos(args, torch.device("cpu"))
     step, optimizer, trained = train.make_step(sd, images, n_instance, n_prior, args, torch.device("cpu"))
     return sd, step
@@ -170,7 +171,7 @@ def test_saved_model_opens_in_diffusers(photos, tmp_path):
     run(photos, out, "--steps", "2", "--lr", "1e-3")
     sd = dreambooth.load(out / "model.safetensors")
     pipe = single_file_pipeline(out / "model.safetensors", sd, tmp_path / "config")
-    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, sd.unet.config.context_dim)
     with torch.no_grad():
         torch.testing.assert_close(sd.unet(x, t, context), pipe.unet(x, t, encoder_hidden_states=context).sample,
                                    rtol=1e-4, atol=1e-4)
@@ -296,7 +297,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_save(photos, tmp_path, monke
 
     monkeypatch.setattr(dreambooth.checkpoint, "save_file", disk_full)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**10, 10**10 - 10**6, 10**6))
-    with pytest.raises(SystemExit, match=r"saving step 3 failed: 1 MB free in .*run, and a save needs about \d+ MB; "
+    with pytest.raises(SystemExit, match=r"saving step 3 failed: 1 MB free in .*run, and it needs about \d+ MB; "
                                          r"stopped, the last good save \(step 2\) is in .*run$"):
         train.main(["--resume", str(out), "--steps", "3"])
     assert (out / "model.safetensors").read_bytes() == before
@@ -307,7 +308,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_save(photos, tmp_path, monke
 def test_why_the_step_runs_eagerly(photos, tmp_path, capsys):
     """On CUDA the step is one CUDA graph unless a setting needs the host inside the step; each reason is a line."""
     def why(*flags):
-        args, _ = train.parse_args(["--instance", "x", "--class", "dog", *flags])
+        args, _ = train_settings.parse_args(["--instance", "x", "--class", "dog", *flags])
         return train.why_eager(args, torch.device("cuda"))
 
     assert why("--precision", "bf16") is None and why("--precision", "fp32", "--no-cache") is None
@@ -403,5 +404,5 @@ def test_bad_inputs_are_named(photos, tmp_path, capsys):
     assert "no train_state.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(photos, tmp_path / "e", "--resolution", "30")
-    assert "--resolution 30: must be a positive multiple of 8" in capsys.readouterr().err
+    assert "argument --resolution: 30: must be a positive multiple of 8" in capsys.readouterr().err
 

@@ -1,0 +1,118 @@
+"""train.py's settings: its flags, their checks, and the defaults that depend on other settings, the machine or a
+resumed run. Defaults follow the seed (the original DreamBooth fine-tuning of sd-v1-4): lr 1e-6, 800 steps, batch
+1 + 1; with --ckpt toy, cli.TOY_DEFAULTS.
+
+    args, state = parse_args(argv)   # state: the run's train_state.pt with --resume, else None
+    resolve_defaults(args)           # what depends on the device, --lora, the prior folder or the time
+"""
+import argparse
+import json
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+import cli
+
+
+
+def parser():
+    p = cli.parser("train.py", "DreamBooth fine-tuning of Stable Diffusion v1.", [
+        "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else toy",
+        "python train.py --instance examples/toy --prior prior/circle --class circle --out runs/demo   # the toy model",
+        "python train.py --instance photos/ --prior prior/dog --class dog --lora 16   # a LoRA: runs/.../lora.safetensors",
+        "python train.py --resume runs/demo --steps 400                      # continue a run, to step 400"],
+        usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
+    p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
+    p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
+    p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
+    p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
+    p.add_argument("--prior-prompt", help="default: the prompt in the prior folder's manifest.jsonl, "
+                                          'else "photo of a {class}"')
+    p.add_argument("--ckpt", help=cli.CKPT_HELP)
+    p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
+    p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
+                                                 "(the photos are encoded with the checkpoint's own)")
+    p.add_argument("--resolution", type=cli.IMAGE_SIZE, help="image size, a multiple of 8; default the model's (512; "
+                                                             "toy: 64)")
+    p.add_argument("--steps", type=cli.number(low=1), default=800, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=cli.number(low=1), default=1,
+                   help="subject images per step, plus as many prior images")
+    p.add_argument("--lr", type=cli.number(float), help="AdamW learning rate; default 1e-6, with --lora 1e-4")
+    p.add_argument("--warmup-steps", type=cli.number(), default=0, help="linear learning-rate warm-up over N steps")
+    p.add_argument("--clip-grad", type=cli.number(float), default=0.0, help="clip the gradient norm to this; 0 = off")
+    p.add_argument("--prior-weight", type=cli.number(float), default=1.0,
+                   help="lambda of eq. 2: weight of the prior loss")
+    p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the CLIP text encoder too")
+    p.add_argument("--lora", type=cli.number(), default=0, metavar="RANK",
+                   help="train LoRA adapters of this rank instead of the whole model, written to lora.safetensors "
+                        "(kohya's format); 0 = off")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
+                                                    "default RANK")
+    p.add_argument("--save-merged", action="store_true", help="with --lora, also write the model with the LoRA "
+                                                              "merged in as model.safetensors")
+    p.add_argument("--seed", type=int, default=42, help="seed of all randomness: data order, flips, noise, t")
+    p.add_argument("--device", help="cuda, cpu, cuda:1, ...; default cuda if available, else cpu")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
+                                                                         "Default bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute UNet activations in backward: less memory, slower steps; default on only where "
+                        "the GPU could not hold the run without it")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, record the whole step once as a CUDA graph and replay it")
+    p.add_argument("--no-cache", action="store_true", help="encode the images with the VAE every step")
+    p.add_argument("--no-step-in-backward", action="store_true",
+                   help="plain optimizer loop instead of stepping each weight as soon as its gradient is ready")
+    p.add_argument("--out", metavar="DIR", help="run folder; default runs/<class>-<date>")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    p.add_argument("--sample-every", type=cli.number(), default=200, help="write a preview grid every N steps; 0 = off")
+    p.add_argument("--sample-steps", type=cli.number(low=1), default=50, help="DDIM steps of the preview grids")
+    p.add_argument("--save-every", type=cli.number(), default=400,
+                   help="save every N steps (and at the end); 0 = at the end")
+    p.add_argument("--log-every", type=cli.number(low=1), default=10, help="log the losses every N steps")
+    return p
+
+
+def parse_args(argv=None):
+    """Returns (args, train_state or None). With --resume DIR, the run's saved settings become the defaults, so
+    `--resume DIR` alone continues it; flags given again (e.g. a larger --steps) override them. With --ckpt toy,
+    cli.TOY_DEFAULTS are the defaults."""
+    p = parser()
+    args, state = p.parse_args(argv), None
+    if not args.resume:
+        args = cli.with_toy_defaults(p, args, argv, "train.py")
+    if args.resume:
+        path = Path(args.resume) / "train_state.pt"
+        if not path.is_file():
+            p.error(f"--resume {args.resume}: no train_state.pt in it")
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        p.set_defaults(**state["args"])
+        args = p.parse_args(argv)
+        args.out = args.resume
+        if args.lora != state["args"].get("lora", 0):  # what train_state.pt holds: the adapters, or the model
+            p.error(f"--lora {args.lora}: {args.resume} was trained with --lora {state['args'].get('lora', 0)}")
+    if not args.instance:
+        p.error("--instance DIR is required")
+    if not args.class_name and not (args.instance_prompt and args.prior_prompt):
+        p.error("--class NAME is required unless both --instance-prompt and --prior-prompt are given")
+    if args.save_merged and not args.lora:
+        p.error("--save-merged: only with --lora (a full fine-tuning always writes model.safetensors)")
+    cli.check_model_flags(p, args)
+    return args, state
+
+
+def resolve_defaults(args):
+    """Fill in the defaults that depend on the machine, the files or the time, so train_state.pt records them."""
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.lr is None:
+        args.lr = 1e-4 if args.lora else 1e-6
+        print(f"learning rate {args.lr:g}" + (" (LoRA's usual; --lr sets another)" if args.lora else ""))
+    args.lora_alpha = args.lora_alpha or args.lora
+    args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
+    if not args.prior_prompt:
+        manifest = Path(args.prior or "", "manifest.jsonl")
+        lines = manifest.read_text().splitlines() if args.prior and manifest.is_file() else []
+        args.prior_prompt = json.loads(lines[0]).get("prompt") if lines else None
+        args.prior_prompt = args.prior_prompt or cli.prompt_for(args.ckpt, args.class_name)
+    args.out = args.out or f"runs/{args.class_name or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
