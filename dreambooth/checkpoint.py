@@ -82,11 +82,8 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
 
     unet_cfg = _config(UNetConfig, parts[UNET], "input_blocks.0.0.weight", 0, "model_channels")
     unet = _build(UNetModel, unet_cfg)
-    if ema:
-        unet_weights, file_key = _ema_weights(path, unet, parts[EMA]), _ema_key
-    else:
-        unet_weights, file_key = parts[UNET], lambda k: UNET + k
-    unet = _assign(path, unet, unet_weights, file_key, device, dtype)
+    unet_weights = _ema_weights(path, unet, parts[EMA]) if ema else parts[UNET]
+    unet = _assign(path, unet, unet_weights, _ema_key if ema else lambda k: UNET + k, device, dtype)
 
     vae_cfg = _config(VAEConfig, parts[VAE], "encoder.conv_in.weight", 0, "ch")
     vae = _assign(path, _build(AutoencoderKL, vae_cfg), parts[VAE], lambda k: VAE + k, device, dtype)
@@ -132,10 +129,9 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, meta
         raise CheckpointError(f"save: {path} must end in .safetensors (the only format save writes)")
     if not path.parent.is_dir():
         raise CheckpointError(f"save: folder {path.parent} does not exist")
-    tensors = {}
-    for prefix, model in ((UNET, sd.unet), (VAE, sd.vae), (CLIP, sd.text_encoder)):
-        for key, t in model.state_dict().items():
-            tensors[prefix + key] = t.detach().to("cpu", dtype, copy=True).contiguous()
+    tensors = {prefix + key: t.detach().to("cpu", dtype, copy=True).contiguous()
+               for prefix, model in ((UNET, sd.unet), (VAE, sd.vae), (CLIP, sd.text_encoder))
+               for key, t in model.state_dict().items()}
     tensors.update(schedule_buffers(sd.alphas_cumprod))
     # Only what differs from SD v1 is written: safetensors writes metadata in no fixed order, so one entry keeps
     # files of the same weights byte-identical.
@@ -200,7 +196,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is truncated or corrupt (not a zip archive as torch.save writes)")
-    return _state_dict(path, _unpickle(path))
+    obj = _unpickle(path)
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning: {"state_dict": ..., ...}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return obj
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -244,15 +245,6 @@ class _LightningName:
         pass
 
 
-def _state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
-    """Lightning checkpoints wrap the weights as {"state_dict": ..., "global_step": ..., ...}."""
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no state dict of tensors")
-    return obj
-
-
 def _check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
     """One-line errors for the checkpoints people most often mistake for an SD v1 one."""
     keys = list(state)
@@ -290,15 +282,13 @@ def _split(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     parts[EMA] is only used with ema=True (model_ema.* is read past otherwise)."""
     parts = {UNET: {}, VAE: {}, CLIP: {}, EMA: {}}
     for key, tensor in state.items():
-        if key in IGNORED:
-            continue
         if key == "alphas_cumprod":
             _check_schedule(path, tensor)
-            continue
-        prefix = next((p for p in parts if key.startswith(p)), None)
-        if prefix is None:
-            raise CheckpointError(f"{path}: unexpected key {key}")
-        parts[prefix][key[len(prefix):]] = tensor
+        elif key not in IGNORED:
+            prefix = next((p for p in parts if key.startswith(p)), None)
+            if prefix is None:
+                raise CheckpointError(f"{path}: unexpected key {key}")
+            parts[prefix][key[len(prefix):]] = tensor
     return parts
 
 
@@ -329,12 +319,10 @@ def _ema_weights(path: Path, unet: UNetModel, ema: dict[str, torch.Tensor]) -> d
     if not ema:
         raise CheckpointError(f"{path} has no EMA weights (model_ema.*); load it with ema=False")
     names = {_ema_key(k): k for k in unet.state_dict()}
-    weights = {}
-    for key, tensor in ema.items():
-        if EMA + key not in names:
-            raise CheckpointError(f"{path}: unexpected key {EMA + key}")
-        weights[names[EMA + key]] = tensor
-    return weights
+    unexpected = next((EMA + key for key in ema if EMA + key not in names), None)
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected key {unexpected}")
+    return {names[EMA + key]: tensor for key, tensor in ema.items()}
 
 
 # ---- building models -----------------------------------------------------------------------

@@ -90,15 +90,10 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPEncoder(nn.Module):
+class CLIPEncoder(nn.Sequential):  # a Sequential of one layer: the checkpoint nests the blocks as `layers`
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        self.layers = nn.Sequential(*(CLIPEncoderLayer(cfg) for _ in range(cfg.layers)))
 
 
 class CLIPTextModel(nn.Module):

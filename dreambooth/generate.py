@@ -40,9 +40,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"image size {width}x{height}: height and width must be positive multiples of 8")
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    channels = sd.unet.config.in_channels
-    latents = torch.stack([torch.randn(channels, height // 8, width // 8, generator=g) for g in generators])
-    latents = latents.to(sd.device)
+    shape = (sd.unet.config.in_channels, height // 8, width // 8)
+    latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(sd.device)
 
     cuda = sd.device.type == "cuda"
     if cuda:
@@ -50,9 +49,7 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
     # No autocast cache of the fp16 weights: a CUDA graph cannot keep it (PyTorch's CUDA-graph notes).
     use_autocast = precision == "autocast" and cuda
     with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False) if use_autocast else contextlib.nullcontext():
-        cond = sd.encode_text(prompts)
-        uncond = sd.encode_text([negative_prompt])
-        eps_fn = guided_eps_fn(sd.unet, cond, uncond, scale)
+        eps_fn = guided_eps_fn(sd.unet, sd.encode_text(prompts), sd.encode_text([negative_prompt]), scale)
         if cuda and cuda_graph:  # the same shapes at every step: record the guided UNet call once, then replay it
             graph = CUDAGraph(eps_fn)
             eps_fn = lambda x, t: graph(x, torch.full((), t, device=x.device))  # noqa: E731 (t: a recorded input)

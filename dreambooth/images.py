@@ -52,6 +52,7 @@ def load_images(paths, resolution: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def _open(path) -> Image.Image:
+    """The image upright by its EXIF tag, in RGB with transparent parts white."""
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -59,21 +60,15 @@ def _open(path) -> Image.Image:
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
-    return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img.convert("RGB")
 
 
 def _square(img: Image.Image, resolution: int) -> torch.Tensor:
-    img = ImageOps.fit(_to_rgb(img), (resolution, resolution), method=Image.Resampling.LANCZOS)  # centre crop, resize
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)  # centre crop, resize
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (3, R, R) in [0, 255]
     return pixels / 127.5 - 1
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
@@ -100,17 +95,11 @@ def a1111_parameters(prompt: str, negative_prompt: str, steps: int, scale: float
         Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-v1-4
     (the negative prompt line only when there is one, "VAE: file name" after the model when a separate VAE is
     used, "Eta: x" at the end only when eta is not 0)."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    settings = (f"Steps: {steps}, Sampler: DDIM, CFG scale: {scale}, Seed: {seed}, Size: {width}x{height}, "
-                f"Model: {model}")
-    if vae:
-        settings += f", VAE: {vae}"
-    if eta:
-        settings += f", Eta: {eta}"
-    lines.append(settings)
-    return "\n".join(lines)
+    negative = f"Negative prompt: {negative_prompt}\n" if negative_prompt else ""
+    vae_note = f", VAE: {vae}" if vae else ""
+    eta_note = f", Eta: {eta}" if eta else ""
+    return (f"{prompt}\n{negative}Steps: {steps}, Sampler: DDIM, CFG scale: {scale}, Seed: {seed}, "
+            f"Size: {width}x{height}, Model: {model}{vae_note}{eta_note}")
 
 
 def save_png(image: Image.Image, path, parameters: str | None = None) -> None:

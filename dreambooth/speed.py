@@ -149,12 +149,11 @@ class CUDAGraph:
                     output = self.fn(*inputs)
                 torch.cuda.current_stream().wait_stream(side)
                 return output
-            if self.graph is None:
-                if not self.record(inputs):
-                    return self.fn(*inputs)
-            else:
+            if self.graph is not None:
                 for recorded, value in zip(self.inputs, inputs):
                     recorded.copy_(value)
+            elif not self.record(inputs):
+                return self.fn(*inputs)
             self.graph.replay()
             return self.output.clone()
 

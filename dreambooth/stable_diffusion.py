@@ -40,5 +40,4 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> CLIP context [B, 77, width] on the model's device."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids)
+        return self.text_encoder(self.tokenizer(prompts).to(self.device))

@@ -72,9 +72,8 @@ def _bpe() -> BPETokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
 
     bpe = BPETokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=END))
-    bpe.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(WORD_REGEX), behavior="removed", invert=True),
         # Also applies GPT-2's word regex (use_regex=True by default). After CLIP's split it
@@ -90,6 +89,7 @@ class Tokenizer:
     """Prompts -> LongTensor [B, 77]: <|startoftext|>, the text's tokens, <|endoftext|>, padding."""
 
     max_length = 77
+    room = max_length - 2  # for the text's tokens, between start and end
     start_id, end_id = 49406, 49407  # <|startoftext|>, <|endoftext|>; end also pads
 
     def __init__(self):
@@ -98,17 +98,15 @@ class Tokenizer:
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if isinstance(prompts, str):
             raise TypeError("Tokenizer expects a list of prompts, got a single string")
-        room = self.max_length - 2
         ids = torch.full((len(prompts), self.max_length), self.end_id, dtype=torch.long)
         for i, encoding in enumerate(self.bpe.encode_batch(prompts, add_special_tokens=False)):
-            row = [self.start_id, *encoding.ids[:room], self.end_id]  # longer prompts are cut: see cut()
+            row = [self.start_id, *encoding.ids[:self.room], self.end_id]  # longer prompts are cut: see cut()
             ids[i, : len(row)] = torch.tensor(row)
         return ids
 
     def cut(self, prompt: str) -> tuple[int, str] | None:
         """None if CLIP reads all of `prompt`; else (its number of tokens, the part of the text CLIP reads)."""
         encoding = self.bpe.encode(prompt, add_special_tokens=False)
-        room = self.max_length - 2
-        if len(encoding.ids) <= room:
+        if len(encoding.ids) <= self.room:
             return None
-        return len(encoding.ids), prompt[: encoding.offsets[room - 1][1]]
+        return len(encoding.ids), prompt[: encoding.offsets[self.room - 1][1]]

@@ -63,16 +63,13 @@ class ResBlock(nn.Module):
         # indices are the checkpoint's: in_layers.0 / .2, emb_layers.1, out_layers.0 / .3
         self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(
-            group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        )
+        self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
-        h = self.out_layers(h)
-        return self.skip_connection(x) + h
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
 
 
 class CrossAttention(nn.Module):
@@ -107,14 +104,11 @@ class GEGLU(nn.Module):
         return a * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
+class FeedForward(nn.Sequential):  # a Sequential of one layer: the checkpoint nests it as `net`
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # indices are the checkpoint's: net.0.proj (GEGLU), net.2
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -142,28 +136,23 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = group_norm(channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)  # SD v1: 1x1 convs, not Linear (SD 2.x)
-        self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, context_dim, heads) for _ in range(depth)
-        )
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, context_dim, heads)
+                                                for _ in range(depth))
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
         h = h.transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
 
-class Downsample(nn.Module):
+class Downsample(nn.Sequential):  # a Sequential of one layer: the checkpoint nests the conv as `op`
     def __init__(self, channels: int):
         super().__init__()
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
 
 
 class Upsample(nn.Module):
@@ -174,8 +163,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
         # Nearest x2, or to `size`: the size of the skip activation it meets next, which differs
         # from x2 when a latent side is not a multiple of 8 (an image side not a multiple of 64).
-        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
-        return self.conv(x)
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -80,7 +80,9 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-class Mid(nn.Module):
+# Mid, Down and Up are nn.Sequentials with named layers: they run their layers in the order assigned, under the
+# checkpoint's names.
+class Mid(nn.Sequential):
     """The lowest resolution of encoder and decoder alike: ResnetBlock, self-attention, ResnetBlock."""
 
     def __init__(self, ch: int):
@@ -88,9 +90,6 @@ class Mid(nn.Module):
         self.block_1 = ResnetBlock(ch, ch)
         self.attn_1 = AttnBlock(ch)
         self.block_2 = ResnetBlock(ch, ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class Downsample(nn.Module):
@@ -113,7 +112,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Down(nn.Module):
+class Down(nn.Sequential):
     """One encoder level `down.i`: ResnetBlocks `block.0`, `block.1`, ..., then a Downsample (none at the last)."""
 
     def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool):
@@ -121,20 +120,14 @@ class Down(nn.Module):
         self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks)))
         self.downsample = Downsample(out_ch) if downsample else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.downsample(self.block(x))
 
-
-class Up(nn.Module):
+class Up(nn.Sequential):
     """One decoder level `up.i`: ResnetBlocks `block.0`, `block.1`, ..., then an Upsample (none at full resolution)."""
 
     def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool):
         super().__init__()
         self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks)))
         self.upsample = Upsample(out_ch) if upsample else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.upsample(self.block(x))
 
 
 class Encoder(nn.Module):
@@ -145,17 +138,15 @@ class Encoder(nn.Module):
         chs = [cfg.ch * mult for mult in cfg.ch_mult]  # channels per level
         in_chs = [cfg.ch] + chs[:-1]  # level i takes level i - 1's channels; the first takes conv_in's
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.down = nn.ModuleList(Down(in_chs[i], chs[i], cfg.num_res_blocks, downsample=i != len(chs) - 1)
-                                  for i in range(len(chs)))
+        self.down = nn.Sequential(*(Down(in_chs[i], chs[i], cfg.num_res_blocks, downsample=i != len(chs) - 1)
+                                    for i in range(len(chs))))
         self.mid = Mid(chs[-1])
         self.norm_out = group_norm(chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for down in self.down:
-            h = down(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -194,8 +185,7 @@ class AutoencoderKL(nn.Module):
 
         A sample is mean + exp(logvar / 2) * noise. logvar is clamped to [-30, 20] as in
         CompVis' DiagonalGaussianDistribution."""
-        moments = self.quant_conv(self.encoder(img))
-        mean, logvar = moments.chunk(2, dim=1)
+        mean, logvar = self.quant_conv(self.encoder(img)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor, slice_size: int = 1) -> torch.Tensor:
