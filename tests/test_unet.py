@@ -66,7 +66,7 @@ def test_timestep_forms_agree(tiny_pair):
     ours, _ = tiny_pair
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 16, 16, generator=g)
-    context = torch.randn(2, 77, 32, generator=g)
+    context = torch.randn(2, 77, UNetConfig.tiny().context_dim, generator=g)
     with torch.no_grad():
         long_t = ours(x, torch.tensor([500, 500]), context)
         float_t = ours(x, torch.tensor([500.0, 500.0]), context)
@@ -80,7 +80,7 @@ def test_gradient_checkpointing_gives_same_grads(monkeypatch):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([3, 900])
-    context = torch.randn(2, 77, 32, generator=g, requires_grad=True)
+    context = torch.randn(2, 77, UNetConfig.tiny().context_dim, generator=g, requires_grad=True)
     calls = []
     middle_forward = model.middle_block.forward
     monkeypatch.setattr(model.middle_block, "forward", lambda *a: calls.append(1) or middle_forward(*a))
