@@ -62,6 +62,7 @@ def number(kind=int, low=0, high=None, multiple_of=1, why=""):
 
 
 IMAGE_SIZE = number(low=8, multiple_of=8, why=" (the VAE works on 8x8 pixel blocks)")
+DDIM_STEPS = number(low=1, high=999, why=" (the model was trained on 1000 timesteps)")
 
 
 def add_sampling_flags(p, scale):
@@ -72,8 +73,7 @@ def add_sampling_flags(p, scale):
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", type=lora_and_scale,
                    help="a LoRA file (kohya's format, e.g. a run's lora.safetensors) merged into the model at SCALE "
                         "(default 1.0) before sampling; repeatable")
-    p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", default=50, help="DDIM steps",
-                   type=number(low=1, high=999, why=" (the model was trained on 1000 timesteps)"))
+    p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=DDIM_STEPS, default=50, help="DDIM steps")
     p.add_argument("--scale", type=float, default=scale, help="classifier-free guidance scale")
     p.add_argument("--H", type=IMAGE_SIZE, help="image height, a multiple of 8; default the model's (512; toy: 64)")
     p.add_argument("--W", type=IMAGE_SIZE, help="image width, a multiple of 8; default the model's (512; toy: 64)")

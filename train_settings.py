@@ -15,7 +15,6 @@ import torch
 import cli
 
 
-
 def parser():
     p = cli.parser("train.py", "DreamBooth fine-tuning of Stable Diffusion v1.", [
         "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else toy",
@@ -67,7 +66,7 @@ def parser():
     p.add_argument("--out", metavar="DIR", help="run folder; default runs/<class>-<date>")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     p.add_argument("--sample-every", type=cli.number(), default=200, help="write a preview grid every N steps; 0 = off")
-    p.add_argument("--sample-steps", type=cli.number(low=1), default=50, help="DDIM steps of the preview grids")
+    p.add_argument("--sample-steps", type=cli.DDIM_STEPS, default=50, help="DDIM steps of the preview grids")
     p.add_argument("--save-every", type=cli.number(), default=400,
                    help="save every N steps (and at the end); 0 = at the end")
     p.add_argument("--log-every", type=cli.number(low=1), default=10, help="log the losses every N steps")
