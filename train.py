@@ -238,7 +238,7 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     else:
         optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device, capturable=not eager)
     photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, n_prior, args.batch_size,
-                    sd.latent_scale, len(sd.alphas_cumprod), memory_format)
+                    sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
     step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
                      sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), cuda_graph=not eager)
     print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "

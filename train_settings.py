@@ -43,6 +43,9 @@ def parser():
     p.add_argument("--clip-grad", type=cli.number(float), default=0.0, help="clip the gradient norm to this; 0 = off")
     p.add_argument("--prior-weight", type=cli.number(float), default=1.0,
                    help="lambda of eq. 2: weight of the prior loss")
+    p.add_argument("--noise-offset", type=cli.number(float), default=0.0,
+                   help="offset noise: add a random constant of this std to each latent channel's noise (kohya's "
+                        "--noise_offset; 0.1 is usual). Keep a model trained with it (the toy) on it; 0 = off")
     p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the CLIP text encoder too")
     p.add_argument("--lora", type=cli.number(), default=0, metavar="RANK",
                    help="train LoRA adapters of this rank instead of the whole model, written to lora.safetensors "

@@ -40,12 +40,13 @@ class Photos:
     batch_size: int                  # subject photos per step, and as many prior images if there are any
     latent_scale: float              # StableDiffusion.latent_scale
     timesteps: int = 1000            # t is drawn from [0, timesteps)
+    noise_offset: float = 0.0        # std of a constant added to each latent channel's noise (offset noise)
     memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
 
     def draw(self, generator):
         """The random part of a step, in a fixed order: which photos (batch_size of the subject's, as many of the
-        prior's), their horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise.
-        Returns (latents, t, noise)."""
+        prior's), their horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise
+        (then, with noise_offset, its constants). Returns (latents, t, noise)."""
         device = generator.device
         idx = torch.randint(self.n_instance, (self.batch_size,), generator=generator, device=device)
         if self.n_prior:
@@ -60,5 +61,7 @@ class Photos:
             latents = sample_latents(self.posteriors[idx, flip], generator, self.latent_scale)
         t = torch.randint(self.timesteps, (len(idx),), generator=generator, device=device)
         noise = torch.randn(latents.shape, generator=generator, device=device)
+        if self.noise_offset:  # offset noise: also noise each channel's mean, which eq. 4 leaves almost unnoised
+            noise += self.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=generator, device=device)
         layout = self.memory_format
         return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout)

@@ -33,10 +33,11 @@ def weights(out):
     return torch.load(out / "train_state.pt", weights_only=True)["weights"]["unet"]
 
 
-def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt, clip_grad=None):
+def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt, clip_grad=None, noise_offset=0.0):
     """One DreamBooth step written out, from the untouched tiny model: the draws in train.py's order from a CPU
-    generator seeded `seed` (subject rows, prior rows, flips, z ~ q(z|x), t, noise), DDPM eq. 4, eq. 2, backward,
-    and one step of torch's reference (unfused) AdamW. Returns ([loss, instance, prior], the UNet after)."""
+    generator seeded `seed` (subject rows, prior rows, flips, z ~ q(z|x), t, noise, then with noise_offset one
+    constant per channel), DDPM eq. 4, eq. 2, backward, and one step of torch's reference (unfused) AdamW.
+    Returns ([loss, instance, prior], the UNet after)."""
     sd = dreambooth.load("tiny")
     g = torch.Generator().manual_seed(seed)
     images = torch.stack([load_image(p, 64) for folder in ("instance", "prior")
@@ -48,6 +49,8 @@ def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt, clip_g
     z = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)) * 0.18215  # SD's latent scale
     t = torch.randint(1000, idx.shape, generator=g)
     noise = torch.randn(z.shape, generator=g)
+    if noise_offset:  # offset noise: each (sample, channel) gets one more random constant
+        noise = noise + noise_offset * torch.randn(len(z), z.shape[1], 1, 1, generator=g)
     context = sd.encode_text(["photo of a sks dog", prior_prompt])[[0] * batch_size + [1] * batch_size]
     a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)
     eps = sd.unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, context)  # DDPM eq. 4, then the noise prediction
@@ -86,6 +89,18 @@ def test_step_is_eq2_then_adamw(photos):
     losses = step(torch.Generator().manual_seed(7))
     expected, unet = eq2_by_hand(photos, 7, 2, 0.5, 1e-3, "a dog, from make_prior")
     assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert_same_unet(sd.unet, unet)
+
+
+def test_noise_offset_noises_each_channels_mean(photos):
+    """--noise-offset adds a random constant to each channel's noise: the step is eq. 2 on that noise, and it trains
+    differently from plain noise."""
+    sd, step = make_step(photos, "--batch-size", "2", "--lr", "1e-3", "--noise-offset", "0.5")
+    losses = step(torch.Generator().manual_seed(7))
+    expected, unet = eq2_by_hand(photos, 7, 2, 1.0, 1e-3, "a dog, from make_prior", noise_offset=0.5)
+    plain, _ = eq2_by_hand(photos, 7, 2, 1.0, 1e-3, "a dog, from make_prior")
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert losses.tolist() != pytest.approx(plain, rel=1e-3)
     assert_same_unet(sd.unet, unet)
 
 
