@@ -131,7 +131,7 @@ def default_checkpoint(program):
 # for SD v1 (README, "The toy world"; benchmarks/toy.py measures them). Its captions were "a red circle", never
 # "photo of ...", and its class images are made as its training samples were looked at: guidance 3, 25 DDIM steps.
 TOY_DEFAULTS = {
-    "train.py": {"steps": 600, "lr": 1e-4, "batch_size": 4, "prior_weight": 2.0, "sample_steps": 25},
+    "train.py": {"lr": 2e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": 25},
     "make_prior.py": {"scale": 3.0, "ddim_steps": 25, "num": 100},
 }
 

@@ -2,7 +2,8 @@
 subject, and does the prior keep the class from drifting?
 
     python make_toy.py                          # once: dreambooth/toy.safetensors and examples/toy/
-    python benchmarks/toy.py                    # about 10 minutes on 2 cores
+    python benchmarks/toy.py                    # about 6 minutes on 2 cores
+    python benchmarks/toy.py --images docs/toy  # and the README's pictures
     python benchmarks/toy.py --steps 300 --lr 2e-5 --skip-no-prior
 
 The subject is the orange ring of examples/toy (dreambooth/toyworld.py: SUBJECT), its class "circle". The script
@@ -30,9 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo root: dreambooth/, the programs
 
+import cli  # noqa: E402
 import dreambooth  # noqa: E402
+import train_settings  # noqa: E402
 from dreambooth import toyworld  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
+from dreambooth.images import image_grid  # noqa: E402
 
 VOCABULARY = [(c, s) for s in toyworld.SHAPES for c in toyworld.COLOURS]
 
@@ -43,16 +47,24 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="dreambooth/toy.safetensors", help="the toy model (make_toy.py)")
     p.add_argument("--instance", default="examples/toy", help="the subject's pictures")
     p.add_argument("--work", default="runs/toy-benchmark", help="folder for the prior and the runs (emptied first)")
-    p.add_argument("--steps", type=int, default=600, help="train.py --steps")
-    p.add_argument("--lr", type=float, default=1e-4, help="train.py --lr")
-    p.add_argument("--batch-size", type=int, default=4, help="train.py --batch-size")
-    p.add_argument("--prior-weight", type=float, default=2.0, help="train.py --prior-weight (with --prior)")
-    p.add_argument("--prior-num", type=int, default=100, help="class pictures made by make_prior.py")
+    toy = train_settings.parser()  # train.py's defaults with --ckpt toy, those of the README's command
+    toy.set_defaults(**cli.TOY_DEFAULTS["train.py"])
+    toy = toy.parse_args([])
+    p.add_argument("--steps", type=int, default=toy.steps, help="train.py --steps")
+    p.add_argument("--lr", type=float, default=toy.lr, help="train.py --lr")
+    p.add_argument("--batch-size", type=int, default=toy.batch_size, help="train.py --batch-size")
+    p.add_argument("--prior-weight", type=float, default=toy.prior_weight, help="train.py --prior-weight")
+    p.add_argument("--noise-offset", type=float, default=toy.noise_offset, help="train.py --noise-offset")
+    p.add_argument("--prior-num", type=int, default=cli.TOY_DEFAULTS["make_prior.py"]["num"],
+                   help="class pictures made by make_prior.py")
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale of all sampling (prior included)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of all sampling")
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the DreamBooth figures")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the programs")
     p.add_argument("--skip-no-prior", action="store_true", help="only the run with prior preservation")
+    p.add_argument("--images", metavar="DIR", help="also write the README's pictures there (docs/toy): 8 samples, "
+                                                   "seeds 200-207, of 'a sks circle' before and after, and of 'a "
+                                                   "circle' after training with and without the prior")
     return p.parse_args(argv)
 
 
@@ -74,6 +86,12 @@ def check_measure(n: int = 50) -> dict:
 def sample(sd, prompt: str, n: int, args, seed: int = 1000) -> list:
     return generate(sd, [prompt] * n, list(range(seed, seed + n)), steps=args.sample_steps, scale=args.scale,
                     progress=False)
+
+
+def save_row(sd, prompt: str, path: Path, args) -> None:
+    """The README's pictures: one row of 8 samples, seeds 200-207."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(sample(sd, prompt, 8, args, seed=200), cols=8).save(path)
 
 
 def vocabulary_accuracy(sd, args, per_prompt: int) -> dict:
@@ -102,10 +120,15 @@ def dreambooth_run(args, work: Path, prior: bool) -> dict:
     out = work / ("prior" if prior else "no-prior")
     cmd = ["train.py", "--ckpt", args.ckpt, "--instance", args.instance, "--class", "circle", "--token", "sks",
            "--instance-prompt", "a sks circle", "--steps", str(args.steps), "--lr", str(args.lr),
-           "--batch-size", str(args.batch_size), "--sample-every", "0", "--save-every", "0", "--out", str(out)]
+           "--batch-size", str(args.batch_size), "--noise-offset", str(args.noise_offset), "--sample-every", "0",
+           "--save-every", "0", "--out", str(out)]
     seconds = run(cmd + (["--prior", str(work / "class"), "--prior-weight", str(args.prior_weight)] if prior else []),
                   args)
     sd = dreambooth.load(out / "model.safetensors")
+    if args.images:
+        if prior:
+            save_row(sd, "a sks circle", Path(args.images, "after.png"), args)
+        save_row(sd, "a circle", Path(args.images, f"class-with{'' if prior else 'out'}-prior.png"), args)
     subject = sum(map(toyworld.is_subject, sample(sd, "a sks circle", args.n, args)))
     class_images = sample(sd, "a circle", args.n, args)
     drift = sum(map(toyworld.is_subject, class_images))
@@ -127,6 +150,8 @@ def main(argv=None):
           f"subject {measure['subject']:.1%}", flush=True)
 
     sd = dreambooth.load(ROOT / args.ckpt)
+    if args.images:
+        save_row(sd, "a sks circle", Path(args.images, "before.png"), args)
     base = vocabulary_accuracy(sd, args, per_prompt=8)
     base_drift = sum(map(toyworld.is_subject, sample(sd, "a circle", args.n, args)))
     print(f"base model, {8 * len(VOCABULARY)} samples at scale {args.scale}: colour {base['colour']:.1%} "
@@ -137,7 +162,8 @@ def main(argv=None):
                          "--num", str(args.prior_num), "--scale", str(args.scale), "--ddim_steps",
                          str(args.sample_steps), "--batch-size", "20"], args)
     print(f"make_prior.py: {args.prior_num} pictures of 'a circle' in {prior_seconds:.0f} s", flush=True)
-    settings = f"--steps {args.steps} --lr {args.lr} --batch-size {args.batch_size} --prior-weight {args.prior_weight}"
+    settings = (f"--steps {args.steps} --lr {args.lr} --batch-size {args.batch_size} "
+                f"--prior-weight {args.prior_weight} --noise-offset {args.noise_offset}")
     for prior in (True, False) if not args.skip_no_prior else (True,):
         r = dreambooth_run(args, work, prior)
         print(f"train.py {settings} {'with' if prior else 'without'} --prior: {r['seconds']:.0f} s (target 180 s); "
