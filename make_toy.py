@@ -25,7 +25,7 @@ The pictures come from dreambooth/toyworld.py; nothing is read from disk. Three 
 
 Runs are deterministic for a given --seed and --threads (1 thread is bit-for-bit repeatable on one machine).
 Unlike the other programs, make_toy.py leaves OpenMP's threads to spin while they wait (OMP_WAIT_POLICY unset):
-it is a long job meant to run alone, and its UNet step (batch 64) took 0.30 s so, 0.53 s with PASSIVE; the
+it is a long job meant to run alone, and its UNet step (batch 64) took 0.30 s spinning, 0.53 s with PASSIVE; the
 weights are the same either way. Beside another job, run it with OMP_WAIT_POLICY=PASSIVE (README, "Two jobs on
 one CPU").
 """

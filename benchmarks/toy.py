@@ -47,9 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="dreambooth/toy.safetensors", help="the toy model (make_toy.py)")
     p.add_argument("--instance", default="examples/toy", help="the subject's pictures")
     p.add_argument("--work", default="runs/toy-benchmark", help="folder for the prior and the runs (emptied first)")
-    toy = train_settings.parser()  # train.py's defaults with --ckpt toy, those of the README's command
-    toy.set_defaults(**cli.TOY_DEFAULTS["train.py"])
-    toy = toy.parse_args([])
+    # train.py's settings for --ckpt toy (the README's command), parsed as train.py parses them
+    toy, _ = train_settings.parse_args(["--ckpt", "toy", "--instance", "examples/toy", "--class", "circle"])
     p.add_argument("--steps", type=int, default=toy.steps, help="train.py --steps")
     p.add_argument("--lr", type=float, default=toy.lr, help="train.py --lr")
     p.add_argument("--batch-size", type=int, default=toy.batch_size, help="train.py --batch-size")
