@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 import dreambooth
+from dreambooth import toyworld
 from dreambooth.checkpoint import DEFAULT_FILES
 
 
@@ -131,8 +132,8 @@ def default_checkpoint(program):
 # for SD v1 (README, "The toy world"; benchmarks/toy.py measures them). Its captions were "a red circle", never
 # "photo of ...", and its class images are made as its training samples were looked at: guidance 3, 25 DDIM steps.
 TOY_DEFAULTS = {
-    "train.py": {"lr": 2e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": 25},
-    "make_prior.py": {"scale": 3.0, "ddim_steps": 25, "num": 100},
+    "train.py": {"lr": 3e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": 25},
+    "make_prior.py": {"scale": 3.0, "ddim_steps": 25, "num": 200},
 }
 
 
@@ -148,6 +149,15 @@ def with_toy_defaults(p, args, argv, program):
 def prompt_for(ckpt, words):
     """"photo of a dog" for SD, "a circle" for the toy model, whose captions had no "photo of"."""
     return f"a {words}" if ckpt == "toy" else f"photo of a {words}"
+
+
+def prior_prompts(ckpt, class_name):
+    """make_prior.py's prompts for a class: "photo of a dog" for SD. For the toy model, "a circle" and the class in
+    each of the colours its captions name ("a red circle", ...), so that the prior keeps the colour words too: with
+    "a circle" alone, the subject's colour spread to them (README, "The toy world")."""
+    if ckpt != "toy":
+        return [prompt_for(ckpt, class_name)]
+    return [f"a {class_name}"] + [f"a {colour} {class_name}" for colour in toyworld.COLOURS]
 
 
 CKPT_HELP = ("SD v1 .ckpt/.safetensors, toy (the built-in toy model) or tiny (random, for tests); default "

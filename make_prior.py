@@ -7,12 +7,12 @@ DreamBooth trains on the subject's photos and, in the same batches, on images th
 class ("photo of a dog"), so that "dog" keeps meaning dogs in general. This writes those images with the
 settings of the original DreamBooth regularisation sets: guidance scale 10, 50 DDIM steps, eta 0.
 
-Image i is always made from seed --seed + i and named f"{i:05d}.png", and each finished image gets a line in
-manifest.jsonl (file, prompt, seed, steps, scale, eta, checkpoint, height, width; train.py reads the prompt from
-it). So an interrupted run continues where it stopped when started again, and the result is the same as an
-uninterrupted run: images are made in fixed batches (i // --batch-size), and a batch with any image missing is
-made again in full, so every image is computed alongside the same neighbours. A folder made with other settings is
-refused rather than mixed.
+Image i is always made from seed --seed + i and the (i mod n)-th of the n prompts, and named f"{i:05d}.png"; each
+finished image gets a line in manifest.jsonl (file, prompt, seed, steps, scale, eta, checkpoint, height, width;
+train.py trains each image with its prompt). So an interrupted run continues where it stopped when started again,
+and the result is the same as an uninterrupted run: images are made in fixed batches (i // --batch-size), and a
+batch with any image missing is made again in full, so every image is computed alongside the same neighbours. A
+folder made with other settings is refused rather than mixed.
 
 There is no safety checker: a checker blacks out the images it flags, and black images in the prior would
 silently teach the model that black squares are dogs.
@@ -38,7 +38,9 @@ def parse_args(argv=None):
         'python make_prior.py --prompt "a photo of a corgi" --outdir prior/corgi --batch-size 8'],
         usage="make_prior.py --class NAME [options]  |  make_prior.py --prompt TEXT --outdir DIR [options]")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='the class of the subject, e.g. "dog"')
-    p.add_argument("--prompt", help='default "photo of a {class}"')
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="PROMPT",
+                   help='default "photo of a {class}" (toy: "a {class}" and "a red {class}", ... in its four colours); '
+                        "repeat it for several: image i gets the (i mod their number)-th")
     p.add_argument("--num", type=cli.number(low=1), default=200, help="how many images the folder should hold")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=cli.number(low=1), default=4,
                    help="images made at once (8 fits a 16 GB GPU at 512 px)")
@@ -47,20 +49,20 @@ def parse_args(argv=None):
     cli.add_sampling_flags(p, scale=10.0)
     args = p.parse_args(argv)
 
-    if not args.class_name and not args.prompt:
+    if not args.class_name and not args.prompts:
         p.error("--class NAME is required (or give --prompt and --outdir)")
     if not args.outdir and not args.class_name:
         p.error("--outdir DIR is required without --class")
     args = cli.with_toy_defaults(p, args, argv, "make_prior.py")
-    args.prompt = args.prompt or cli.prompt_for(args.ckpt, args.class_name)
+    args.prompts = args.prompts or cli.prior_prompts(args.ckpt, args.class_name)
     args.outdir = Path(args.outdir or Path("prior", args.class_name))
     cli.check_sampling_flags(p, args)
     return args
 
 
-def read_manifest(outdir: Path, settings: dict) -> set[str]:
+def read_manifest(outdir: Path, settings: dict, prompts: list[str]) -> set[str]:
     """The files of outdir that manifest.jsonl records as finished (and that exist), after checking that every
-    record was made with `settings`. A last line cut short by an interruption is dropped."""
+    record was made with `settings` and its image's prompt. A last line cut short by an interruption is dropped."""
     manifest = outdir / "manifest.jsonl"
     if not manifest.exists():
         return set()
@@ -69,7 +71,7 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
     if text and not text.endswith("\n"):  # the run stopped while appending this line
         lines.pop()
         write_atomic(manifest, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
-    done, keys = set(), {*settings, "vae", "lora"}  # recorded only when --vae, --lora were given
+    done, keys = set(), {*settings, "prompt", "vae", "lora"}  # vae, lora: recorded only when --vae, --lora were given
     for n, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -78,7 +80,7 @@ def read_manifest(outdir: Path, settings: dict) -> set[str]:
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"make_prior.py: error: {manifest} line {n} is not a manifest record ({e})") from None
         for key in keys:
-            value = settings.get(key)
+            value = prompts[index % len(prompts)] if key == "prompt" else settings.get(key)
             if recorded[key] != value:
                 raise SystemExit(f"make_prior.py: error: {outdir} holds images made with {key} {recorded[key]!r}, "
                                  f"not {value!r}; choose another --outdir or empty the folder")
@@ -93,17 +95,18 @@ def write_batches(sd, args, todo, names, done, settings, remaining, height, widt
     with open(outdir / "manifest.jsonl", "a") as manifest, \
             cli.progress(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
         for batch in todo:
-            images = generate(sd, [args.prompt] * len(batch), [args.seed + i for i in batch], steps=args.ddim_steps,
+            prompts = [args.prompts[i % len(args.prompts)] for i in batch]
+            images = generate(sd, prompts, [args.seed + i for i in batch], steps=args.ddim_steps,
                               scale=args.scale, eta=ETA, height=height, width=width, progress=False,
                               precision=args.precision)
-            for i, image in zip(batch, images):
+            for i, prompt, image in zip(batch, prompts, images):
                 if names[i] in done:
                     continue
-                parameters = a1111_parameters(cli.with_loras(args.prompt, args.lora), "", args.ddim_steps, args.scale,
+                parameters = a1111_parameters(cli.with_loras(prompt, args.lora), "", args.ddim_steps, args.scale,
                                               args.seed + i, width, height, cli.model_name(args.ckpt), ETA,
                                               settings.get("vae"))
                 save_png(image, outdir / names[i], parameters)
-                record = {"file": names[i]} | settings | {"seed": args.seed + i}
+                record = {"file": names[i], "prompt": prompt} | settings | {"seed": args.seed + i}
                 manifest.write(json.dumps(record) + "\n")
                 manifest.flush()
                 os.fsync(manifest.fileno())
@@ -114,11 +117,11 @@ def main(argv=None):
     args = parse_args(argv)
     sd = cli.load_model(args, "make_prior.py")
     height, width = args.H or sd.resolution, args.W or sd.resolution
-    cli.note_long_prompts(sd.tokenizer, [args.prompt])
+    cli.note_long_prompts(sd.tokenizer, args.prompts)
 
     # What is already there: a resumed run must use the same settings. ("seed" here is the base seed; a manifest
     # line records seed + i, and read_manifest subtracts i again.)
-    settings = {"prompt": args.prompt, "seed": args.seed, "steps": args.ddim_steps, "scale": args.scale, "eta": ETA,
+    settings = {"seed": args.seed, "steps": args.ddim_steps, "scale": args.scale, "eta": ETA,
                 "checkpoint": sd.name, "height": height, "width": width}
     if args.vae:  # recorded only when given, so that folders made before --vae existed still match
         settings["vae"] = Path(args.vae).name
@@ -126,7 +129,7 @@ def main(argv=None):
         settings["lora"] = [[Path(path).name, scale] for path, scale in args.lora]
     outdir = args.outdir
     outdir.mkdir(parents=True, exist_ok=True)
-    done = read_manifest(outdir, settings)
+    done = read_manifest(outdir, settings, args.prompts)
     names = [f"{i:05d}.png" for i in range(args.num)]
     batches = [range(start, min(start + args.batch_size, args.num)) for start in range(0, args.num, args.batch_size)]
     todo = [batch for batch in batches if any(names[i] not in done for i in batch)]
@@ -139,9 +142,9 @@ def main(argv=None):
         print(f"\ninterrupted: the images finished so far are in {outdir}/; the same command goes on from there")
         raise SystemExit(130) from None
 
-    class_flag = f"--class {args.class_name}" if args.class_name else f'--prior-prompt "{args.prompt}"'
-    print(f"{args.num} class images of {args.prompt!r} in {outdir}/ (manifest.jsonl lists them); use them with: "
-          f"python train.py --instance <photos> --prior {outdir} {class_flag}")
+    class_flag = f"--class {args.class_name}" if args.class_name else f'--prior-prompt "{args.prompts[0]}"'
+    print(f"{args.num} class images of {' / '.join(map(repr, args.prompts))} in {outdir}/ (manifest.jsonl lists "
+          f"them); use them with: python train.py --instance <photos> --prior {outdir} {class_flag}")
 
 
 if __name__ == "__main__":

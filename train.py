@@ -39,7 +39,7 @@ from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
 from dreambooth.lora import LoRA, kohya_metadata, save_lora  # noqa: E402
 from dreambooth.runlog import Log, Stopped  # noqa: E402
-from train_settings import parse_args, resolve_defaults  # noqa: E402
+from train_settings import manifest_prompts, parse_args, resolve_defaults  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One training step: the loss, what a step draws, and the step itself.
@@ -77,8 +77,8 @@ class TrainStep:
     draws stay outside the graph, so a replayed run trains on exactly what an eager run draws."""
     unet: torch.nn.Module
     text_encoder: torch.nn.Module | None  # trained with the UNet; None: frozen, and `contexts` holds its output
-    ids: torch.Tensor                     # [2, 77] token ids: the instance prompt, the prior prompt
-    contexts: torch.Tensor | None         # [2, 77, C] their contexts from the frozen text encoder
+    ids: torch.Tensor                     # [1 + P, 77] token ids: the instance prompt, the P prompts of the prior
+    contexts: torch.Tensor | None         # [1 + P, 77, C] their contexts from the frozen text encoder
     photos: Photos
     alphas_cumprod: torch.Tensor
     prior_weight: float                   # lambda of eq. 2
@@ -87,15 +87,13 @@ class TrainStep:
     cuda_graph: bool = False
 
     def __post_init__(self):
-        rows = [0] * self.photos.batch_size + [1] * (self.photos.batch_size if self.photos.n_prior else 0)
-        self.which_prompt = torch.tensor(rows, device=self.ids.device)  # a tensor, so a CUDA graph can read it
         self.compute = speed.CUDAGraph(self.learn, 3, self.recording_failed) if self.cuda_graph else self.learn
 
-    def learn(self, latents, t, noise):
-        """Eq. 2 on the drawn batch, backward, and the weight update."""
+    def learn(self, latents, t, noise, rows):
+        """Eq. 2 on the drawn batch (rows: each photo's prompt), backward, and the weight update."""
         with self.autocast:
             context = self.text_encoder(self.ids) if self.text_encoder else self.contexts
-            losses = dreambooth_loss(self.unet, latents, context[self.which_prompt], noise, t, self.alphas_cumprod,
+            losses = dreambooth_loss(self.unet, latents, context[rows], noise, t, self.alphas_cumprod,
                                      self.photos.batch_size, self.prior_weight)
         self.optimizer.backward(losses[0])
         return torch.stack(losses).detach()
@@ -171,7 +169,8 @@ def preview(sd, prompts, seeds, args, path):
 
 
 def load_model_and_photos(args, device):
-    """Returns (sd, images [N, 3, R, R], n_instance, n_prior); rows are the subject's photos, then the prior's.
+    """Returns (sd, images [N, 3, R, R], n_instance, prior_prompts); rows are the subject's photos, then the prior's,
+    each with its prompt (train_settings.manifest_prompts, else --prior-prompt).
     The folders are checked before the model loads, so mistakes show in seconds; bad input (a folder, an image, a
     checkpoint) stops the run with one line naming it."""
     if not args.prior:
@@ -190,10 +189,11 @@ def load_model_and_photos(args, device):
         raise SystemExit(f"train.py: error: {e}") from None
     for note in notes:
         print(f"note: {note}")
-    return sd, images, len(instance_paths), len(prior_paths)
+    listed = manifest_prompts(args.prior)
+    return sd, images, len(instance_paths), [listed.get(path.name, args.prior_prompt) for path in prior_paths]
 
 
-def make_step(sd, images, n_instance, n_prior, args, device):
+def make_step(sd, images, n_instance, prior_prompts, args, device):
     """Everything a step needs, made once: the VAE posteriors of the photos and the CLIP contexts of the prompts
     (then the VAE and a frozen text encoder leave the GPU), the UNet's memory layout and gradient checkpointing,
     the optimizer, and the step, recorded as one CUDA graph where it can be. Returns (step, optimizer, trained)."""
@@ -207,8 +207,11 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     sd.vae.requires_grad_(False).eval()
     sd.unet.requires_grad_(not args.lora).train()
     sd.text_encoder.requires_grad_(args.train_text_encoder and not args.lora).train(args.train_text_encoder)
-    cli.note_long_prompts(sd.tokenizer, [args.instance_prompt, args.prior_prompt])
-    ids = sd.tokenizer([args.instance_prompt, args.prior_prompt]).to(device)
+    prompts = [args.instance_prompt, *dict.fromkeys(prior_prompts)]  # each prompt once: the rows of ids, contexts
+    cli.note_long_prompts(sd.tokenizer, prompts)
+    ids = sd.tokenizer(prompts).to(device)
+    prior_rows = torch.tensor([prompts.index(p) for p in prior_prompts], dtype=torch.long, device=device)
+    n_prior = len(prior_prompts)
     posteriors = contexts = None
     if args.no_cache:
         images = images.to(device)
@@ -238,7 +241,7 @@ def make_step(sd, images, n_instance, n_prior, args, device):
     else:
         optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device, capturable=not eager)
     photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, n_prior, args.batch_size,
-                    sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
+                    sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format, prior_rows)
     step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
                      sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), cuda_graph=not eager)
     print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
@@ -257,9 +260,9 @@ def main(argv=None):
         raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
                          "choose another folder, or continue that run with --resume")
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
-    sd, images, n_instance, n_prior = load_model_and_photos(args, device)
+    sd, images, n_instance, prior_prompts = load_model_and_photos(args, device)
     preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
-    step, optimizer, trained = make_step(sd, images, n_instance, n_prior, args, device)
+    step, optimizer, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
     start = 0
     if state:  # the trained weights, the optimizer and the data generator where the run stopped
         for name, weights in state["weights"].items():
@@ -276,7 +279,7 @@ def main(argv=None):
         return
     out.mkdir(parents=True, exist_ok=True)
     print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
-          f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {n_prior} prior images at "
+          f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {len(prior_prompts)} prior images at "
           f"{args.resolution} px; run folder {out}")
     log = Log(out, start, args.steps, device, state.get("log") if state else None, plain_lines=not cli.interactive())
     del state

@@ -27,8 +27,9 @@ def parser():
     p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
     p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
     p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
-    p.add_argument("--prior-prompt", help="default: the prompt in the prior folder's manifest.jsonl, "
-                                          'else "photo of a {class}"')
+    p.add_argument("--prior-prompt", help="the prompt of prior images that the folder's manifest.jsonl (make_prior.py"
+                                          "'s) does not list; each image it lists trains with its own prompt. "
+                                          'Default: its first prompt, else "photo of a {class}"')
     p.add_argument("--ckpt", help=cli.CKPT_HELP)
     p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
@@ -113,8 +114,17 @@ def resolve_defaults(args):
     args.lora_alpha = args.lora_alpha or args.lora
     args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
     if not args.prior_prompt:
-        manifest = Path(args.prior or "", "manifest.jsonl")
-        lines = manifest.read_text().splitlines() if args.prior and manifest.is_file() else []
-        args.prior_prompt = json.loads(lines[0]).get("prompt") if lines else None
-        args.prior_prompt = args.prior_prompt or cli.prompt_for(args.ckpt, args.class_name)
+        listed = next(iter(manifest_prompts(args.prior).values()), None)
+        args.prior_prompt = listed or cli.prompt_for(args.ckpt, args.class_name)
     args.out = args.out or f"runs/{args.class_name or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def manifest_prompts(folder):
+    """{file name: prompt} of the images a prior folder's manifest.jsonl lists (make_prior.py writes one line per
+    image), in its order; {} without a folder or a manifest."""
+    manifest = Path(folder or "", "manifest.jsonl")
+    lines = manifest.read_text().splitlines() if folder and manifest.is_file() else []
+    try:
+        return {record["file"]: record["prompt"] for record in map(json.loads, lines)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"train.py: error: {manifest} is not make_prior.py's manifest ({e!r})") from None

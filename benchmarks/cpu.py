@@ -115,7 +115,7 @@ def training_steps(cfg: UNetConfig, latent: int, repeats: int):
     ref_generator = torch.Generator().manual_seed(0)
 
     def diffusers_step():
-        latents, t, noise = photos.draw(ref_generator)
+        latents, t, noise, _ = photos.draw(ref_generator)  # one prior prompt: contexts[1]
         pred = ref(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=contexts).sample
         pred, prior_pred = pred.chunk(2)
         target, prior_target = noise.chunk(2)

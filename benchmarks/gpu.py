@@ -145,7 +145,7 @@ def ours_step(sizes, device, graph, checkpointing, train_text_encoder, lora=0):
     sd = random_sd(sizes, device, torch.float32)
     photos = torch.rand(2, 3, sizes.resolution, sizes.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with contextlib.redirect_stdout(io.StringIO()):  # make_step's notices
-        step, optimizer, _ = train.make_step(sd, photos, 1, 1, args, device)
+        step, optimizer, _ = train.make_step(sd, photos, 1, [args.prior_prompt], args, device)
     generator = torch.Generator(device).manual_seed(args.seed)
 
     def run():  # the loop's call
@@ -178,7 +178,7 @@ def diffusers_step(sizes, device, graph, checkpointing, train_text_encoder):
     generator = torch.Generator(device).manual_seed(0)
 
     def step():
-        latents, t, noise = photos.draw(generator)
+        latents, t, noise, _ = photos.draw(generator)  # one prior prompt: contexts[1]
         with torch.autocast(device.type, dtype=torch.bfloat16):
             context = text_encoder(ids).last_hidden_state if train_text_encoder else contexts
             pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample

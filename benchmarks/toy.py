@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the DreamBooth figures")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the programs")
     p.add_argument("--skip-no-prior", action="store_true", help="only the run with prior preservation")
+    p.add_argument("--class-prompt-only", action="store_true",
+                   help='a prior of "a circle" alone (the paper\'s class prior), not make_prior.py\'s toy prompts')
     p.add_argument("--images", metavar="DIR", help="also write the README's pictures there (docs/toy): 8 samples, "
                                                    "seeds 200-207, of 'a sks circle' before and after, and of 'a "
                                                    "circle' after training with and without the prior")
@@ -157,10 +159,14 @@ def main(argv=None):
           "(target 90 %), "
           f"shape {base['shape']:.1%} (target 80 %); 'a circle' shows the subject {base_drift}/{args.n}", flush=True)
 
-    prior_seconds = run(["make_prior.py", "--ckpt", args.ckpt, "--prompt", "a circle", "--outdir", str(work / "class"),
+    # make_prior.py --class circle's prompts with --ckpt toy, given as --prompt: --ckpt here may be a remade file
+    prompts = [flag for p in (["a circle"] if args.class_prompt_only else cli.prior_prompts("toy", "circle"))
+               for flag in ("--prompt", p)]
+    prior_seconds = run(["make_prior.py", "--ckpt", args.ckpt, *prompts, "--outdir", str(work / "class"),
                          "--num", str(args.prior_num), "--scale", str(args.scale), "--ddim_steps",
                          str(args.sample_steps), "--batch-size", "20"], args)
-    print(f"make_prior.py: {args.prior_num} pictures of 'a circle' in {prior_seconds:.0f} s", flush=True)
+    print(f"make_prior.py: {args.prior_num} pictures of {' / '.join(prompts[1::2])} in {prior_seconds:.0f} s",
+          flush=True)
     settings = (f"--steps {args.steps} --lr {args.lr} --batch-size {args.batch_size} "
                 f"--prior-weight {args.prior_weight} --noise-offset {args.noise_offset}")
     for prior in (True, False) if not args.skip_no_prior else (True,):

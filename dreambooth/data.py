@@ -42,16 +42,20 @@ class Photos:
     timesteps: int = 1000            # t is drawn from [0, timesteps)
     noise_offset: float = 0.0        # std of a constant added to each latent channel's noise (offset noise)
     memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
+    prior_rows: torch.Tensor | None = None  # [n_prior] each prior image's prompt: its row of the step's contexts (1, ...)
 
     def draw(self, generator):
         """The random part of a step, in a fixed order: which photos (batch_size of the subject's, as many of the
         prior's), their horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise
-        (then, with noise_offset, its constants). Returns (latents, t, noise)."""
+        (then, with noise_offset, its constants). Returns (latents, t, noise, rows): rows are the photos' prompts,
+        as rows of the step's contexts: 0 for the subject's, prior_rows (default 1) for the prior's."""
         device = generator.device
         idx = torch.randint(self.n_instance, (self.batch_size,), generator=generator, device=device)
+        rows = torch.zeros_like(idx)
         if self.n_prior:
             prior_idx = torch.randint(self.n_prior, (self.batch_size,), generator=generator, device=device)
             idx = torch.cat([idx, self.n_instance + prior_idx])
+            rows = torch.cat([rows, self.prior_rows[prior_idx] if self.prior_rows is not None else torch.ones_like(rows)])
         flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
         if self.posteriors is None:
             x = torch.where(flip.view(-1, 1, 1, 1).bool(), self.images[idx].flip(-1), self.images[idx])
@@ -64,4 +68,4 @@ class Photos:
         if self.noise_offset:  # offset noise: also noise each channel's mean, which eq. 4 leaves almost unnoised
             noise += self.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=generator, device=device)
         layout = self.memory_format
-        return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout)
+        return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout), rows

@@ -85,8 +85,21 @@ def test_a_finished_set_is_left_alone_and_can_grow(reference, tmp_path, monkeypa
     assert json.loads((outdir / "manifest.jsonl").read_text().splitlines()[-1])["seed"] == 105
 
 
+def test_several_prompts_take_turns(reference, tmp_path):
+    """--prompt repeated: image i is made from the (i mod n)-th prompt, which its manifest line and PNG info record."""
+    outdir = tmp_path / "dogs"
+    make_prior.main(FLAGS + ["--prompt", "photo of a dog", "--prompt", "a red dog", "--outdir", str(outdir)])
+    records = [json.loads(line) for line in (outdir / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"], r["seed"]) for r in records] == [
+        (f"{i:05d}.png", ["photo of a dog", "a red dog"][i % 2], 100 + i) for i in range(5)]
+    with Image.open(outdir / "00003.png") as img:
+        assert img.text["parameters"].startswith("a red dog\nSteps: 2,")
+    assert (outdir / "00003.png").read_bytes() != (reference / "00003.png").read_bytes()
+
+
 @pytest.mark.parametrize("change, message", [
     (["--prompt", "a dog"], "prompt 'photo of a dog', not 'a dog'"),
+    (["--prompt", "photo of a dog", "--prompt", "a dog"], "prompt 'photo of a dog', not 'a dog'"),  # image 1
     (["--scale", "7.5"], "scale 10.0, not 7.5"),
     (["--seed", "1"], "seed 100, not 1"),
     (["--H", "128"], "height 64, not 128"),
@@ -120,9 +133,13 @@ def test_command_line_defaults_to_prior_class_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("make_prior.py: note: no weights/sd-v1-4.ckpt or .safetensors")
     assert "the built-in toy model" in result.stdout.splitlines()[0]
-    assert "2 class images of 'a cat' in prior/cat/" in result.stdout.splitlines()[-1]  # toy prompts: no "photo of"
+    # The toy model's prompts: no "photo of", and the class in each of its colours, image i taking the (i mod 5)-th
+    assert ("2 class images of 'a cat' / 'a red cat' / 'a green cat' / 'a blue cat' / 'a yellow cat' in prior/cat/"
+            in result.stdout.splitlines()[-1])
     assert sorted(p.name for p in (tmp_path / "prior" / "cat").iterdir()) == ["00000.png", "00001.png",
                                                                               "manifest.jsonl"]
+    records = [json.loads(line) for line in (tmp_path / "prior" / "cat" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a cat", "a red cat"]
 
 
 def test_a_lora_is_merged_recorded_and_not_mixed(reference, tmp_path):

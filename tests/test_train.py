@@ -37,6 +37,7 @@ def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt, clip_g
     """One DreamBooth step written out, from the untouched tiny model: the draws in train.py's order from a CPU
     generator seeded `seed` (subject rows, prior rows, flips, z ~ q(z|x), t, noise, then with noise_offset one
     constant per channel), DDPM eq. 4, eq. 2, backward, and one step of torch's reference (unfused) AdamW.
+    prior_prompt: the prompt of all 3 prior photos, or a list of each one's.
     Returns ([loss, instance, prior], the UNet after)."""
     sd = dreambooth.load("tiny")
     g = torch.Generator().manual_seed(seed)
@@ -51,7 +52,8 @@ def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt, clip_g
     noise = torch.randn(z.shape, generator=g)
     if noise_offset:  # offset noise: each (sample, channel) gets one more random constant
         noise = noise + noise_offset * torch.randn(len(z), z.shape[1], 1, 1, generator=g)
-    context = sd.encode_text(["photo of a sks dog", prior_prompt])[[0] * batch_size + [1] * batch_size]
+    prior_prompts = prior_prompt if isinstance(prior_prompt, list) else [prior_prompt] * 3  # one for each, or all
+    context = sd.encode_text(["photo of a sks dog"] * batch_size + [prior_prompts[i - 2] for i in idx[batch_size:]])
     a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)
     eps = sd.unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, context)  # DDPM eq. 4, then the noise prediction
     instance = (eps[:batch_size] - noise[:batch_size]).square().mean()
@@ -69,8 +71,8 @@ def make_step(photos, *flags):
     args, _ = train_settings.parse_args(["--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
                                 "--class", "dog", "--ckpt", "tiny", "--device", "cpu", "--resolution", "64", *flags])
     train_settings.resolve_defaults(args)
-    sd, images, n_instance, n_prior = train.load_model_and_photos(args, torch.device("cpu"))
-    step, optimizer, trained = train.make_step(sd, images, n_instance, n_prior, args, torch.device("cpu"))
+    sd, images, n_instance, prior_prompts = train.load_model_and_photos(args, torch.device("cpu"))
+    step, optimizer, trained = train.make_step(sd, images, n_instance, prior_prompts, args, torch.device("cpu"))
     return sd, step
 
 
@@ -101,6 +103,22 @@ def test_noise_offset_noises_each_channels_mean(photos):
     plain, _ = eq2_by_hand(photos, 7, 2, 1.0, 1e-3, "a dog, from make_prior")
     assert losses.tolist() == pytest.approx(expected, rel=1e-5)
     assert losses.tolist() != pytest.approx(plain, rel=1e-3)
+    assert_same_unet(sd.unet, unet)
+
+
+def test_each_prior_image_trains_with_its_own_prompt(photos, tmp_path):
+    """A prior folder whose manifest.jsonl lists several prompts (make_prior.py --prompt A --prompt B): each image it
+    lists trains with its own prompt, the one it does not list with --prior-prompt."""
+    prior = shutil.copytree(photos / "prior", tmp_path / "prior")
+    (prior / "manifest.jsonl").write_text("".join(json.dumps({"file": f, "prompt": p}) + "\n"
+                                                  for f, p in [("00.png", "a dog"), ("01.png", "a red dog")]))
+    sd, step = make_step(photos, "--batch-size", "3", "--lr", "1e-3", "--prior", str(prior), "--prior-prompt",
+                         "a blue dog")
+    losses = step(torch.Generator().manual_seed(7))
+    expected, unet = eq2_by_hand(photos, 7, 3, 1.0, 1e-3, ["a dog", "a red dog", "a blue dog"])
+    one_prompt, _ = eq2_by_hand(photos, 7, 3, 1.0, 1e-3, "a dog")
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert losses[2].item() != pytest.approx(one_prompt[2], rel=1e-4)  # the draw took images of other prompts
     assert_same_unet(sd.unet, unet)
 
 
