@@ -42,7 +42,7 @@ class Photos:
     timesteps: int = 1000            # t is drawn from [0, timesteps)
     noise_offset: float = 0.0        # std of a constant added to each latent channel's noise (offset noise)
     memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
-    prior_rows: torch.Tensor | None = None  # [n_prior] each prior image's prompt: its row of the step's contexts (1, ...)
+    prior_rows: torch.Tensor | None = None  # [n_prior] each prior image's prompt, as a row of the step's contexts
 
     def draw(self, generator):
         """The random part of a step, in a fixed order: which photos (batch_size of the subject's, as many of the
@@ -55,7 +55,8 @@ class Photos:
         if self.n_prior:
             prior_idx = torch.randint(self.n_prior, (self.batch_size,), generator=generator, device=device)
             idx = torch.cat([idx, self.n_instance + prior_idx])
-            rows = torch.cat([rows, self.prior_rows[prior_idx] if self.prior_rows is not None else torch.ones_like(rows)])
+            prior_rows = self.prior_rows[prior_idx] if self.prior_rows is not None else torch.ones_like(rows)
+            rows = torch.cat([rows, prior_rows])
         flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
         if self.posteriors is None:
             x = torch.where(flip.view(-1, 1, 1, 1).bool(), self.images[idx].flip(-1), self.images[idx])
