@@ -34,7 +34,8 @@ ETA = 0.0  # deterministic DDIM, as in the regularisation sets of the original D
 def parse_args(argv=None):
     p = cli.parser("make_prior.py", "Generate class images for DreamBooth's prior preservation.", [
         "python make_prior.py --class dog                     # 200 images of \"photo of a dog\" in prior/dog/",
-        "python make_prior.py --class circle                  # without weights: the toy model, \"a circle\"",
+        "python make_prior.py --class circle                  # without weights: the toy model, \"a circle\", "
+        "\"a red circle\", ...",
         'python make_prior.py --prompt "a photo of a corgi" --outdir prior/corgi --batch-size 8'],
         usage="make_prior.py --class NAME [options]  |  make_prior.py --prompt TEXT --outdir DIR [options]")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='the class of the subject, e.g. "dog"')
