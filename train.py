@@ -211,7 +211,6 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     cli.note_long_prompts(sd.tokenizer, prompts)
     ids = sd.tokenizer(prompts).to(device)
     prior_rows = torch.tensor([prompts.index(p) for p in prior_prompts], dtype=torch.long, device=device)
-    n_prior = len(prior_prompts)
     posteriors = contexts = None
     if args.no_cache:
         images = images.to(device)
@@ -228,7 +227,7 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     sd.unet.to(memory_format=memory_format)
     params = [p for m in trained.values() for p in m.parameters()]
-    images_per_step = args.batch_size * (2 if n_prior else 1)
+    images_per_step = args.batch_size * (2 if prior_prompts else 1)
     # Stepping inside backward saves a whole gradient buffer, which LoRA's small adapters do not need: one AdamW for
     # all of them launches less than one per adapter (toy model, CPU: 9.4 steps/s against 6.6).
     after_backward = args.lora or args.no_step_in_backward or args.clip_grad or args.precision == "fp16"
@@ -240,8 +239,8 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
                                              capturable=not eager)
     else:
         optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device, capturable=not eager)
-    photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, n_prior, args.batch_size,
-                    sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format, prior_rows)
+    photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, prior_rows, args.batch_size,
+                    sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
     step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
                      sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), cuda_graph=not eager)
     print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "

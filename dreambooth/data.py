@@ -36,27 +36,25 @@ class Photos:
     images: torch.Tensor | None      # [N, 3, R, R], with --no-cache
     vae: torch.nn.Module | None      # with --no-cache
     n_instance: int
-    n_prior: int
+    prior_rows: torch.Tensor         # [n_prior] each prior image's prompt, as a row of the step's contexts (1, 2, ...)
     batch_size: int                  # subject photos per step, and as many prior images if there are any
     latent_scale: float              # StableDiffusion.latent_scale
     timesteps: int = 1000            # t is drawn from [0, timesteps)
     noise_offset: float = 0.0        # std of a constant added to each latent channel's noise (offset noise)
     memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
-    prior_rows: torch.Tensor | None = None  # [n_prior] each prior image's prompt, as a row of the step's contexts
 
     def draw(self, generator):
         """The random part of a step, in a fixed order: which photos (batch_size of the subject's, as many of the
         prior's), their horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise
         (then, with noise_offset, its constants). Returns (latents, t, noise, rows): rows are the photos' prompts,
-        as rows of the step's contexts: 0 for the subject's, prior_rows (default 1) for the prior's."""
+        as rows of the step's contexts: 0 for the subject's, prior_rows for the prior's."""
         device = generator.device
         idx = torch.randint(self.n_instance, (self.batch_size,), generator=generator, device=device)
         rows = torch.zeros_like(idx)
-        if self.n_prior:
-            prior_idx = torch.randint(self.n_prior, (self.batch_size,), generator=generator, device=device)
+        if len(self.prior_rows):
+            prior_idx = torch.randint(len(self.prior_rows), (self.batch_size,), generator=generator, device=device)
             idx = torch.cat([idx, self.n_instance + prior_idx])
-            prior_rows = self.prior_rows[prior_idx] if self.prior_rows is not None else torch.ones_like(rows)
-            rows = torch.cat([rows, prior_rows])
+            rows = torch.cat([rows, self.prior_rows[prior_idx]])
         flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
         if self.posteriors is None:
             x = torch.where(flip.view(-1, 1, 1, 1).bool(), self.images[idx].flip(-1), self.images[idx])

@@ -73,7 +73,9 @@ def random_photos(side: int, device, seed: int = 0):
     in the data.Photos that a step draws its batches from (SD v1's latent scale)."""
     posteriors = torch.randn(2, 2, 8, side, side, generator=torch.Generator().manual_seed(seed))
     posteriors[:, :, 4:] -= 8
-    return Photos(posteriors.to(device), None, None, n_instance=1, n_prior=1, batch_size=1, latent_scale=LATENT_SCALE)
+    prior_rows = torch.ones(1, dtype=torch.long, device=device)  # the prior photo's prompt: the step's contexts[1]
+    return Photos(posteriors.to(device), None, None, n_instance=1, prior_rows=prior_rows, batch_size=1,
+                  latent_scale=LATENT_SCALE)
 
 
 def random_lora(sd, path, rank=4, alpha=2.0, seed=1, std=0.5):
