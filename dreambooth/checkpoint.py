@@ -80,17 +80,16 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     _check_family(path, state)
     parts = _split(path, state)
 
-    unet_cfg = _config(UNetConfig, parts[UNET], "input_blocks.0.0.weight", 0, "model_channels")
-    unet = _build(UNetModel, unet_cfg)
+    unet = _build(UNetModel, UNetConfig, parts[UNET], "input_blocks.0.0.weight", 0, "model_channels")
     unet_weights = _ema_weights(path, unet, parts[EMA]) if ema else parts[UNET]
     unet = _assign(path, unet, unet_weights, _ema_key if ema else lambda k: UNET + k, device, dtype)
 
-    vae_cfg = _config(VAEConfig, parts[VAE], "encoder.conv_in.weight", 0, "ch")
-    vae = _assign(path, _build(AutoencoderKL, vae_cfg), parts[VAE], lambda k: VAE + k, device, dtype)
-    clip_cfg = _config(CLIPConfig, parts[CLIP], "embeddings.token_embedding.weight", 1, "width")
-    text_encoder = _assign(path, _build(CLIPTextModel, clip_cfg), parts[CLIP], lambda k: CLIP + k, device, dtype)
+    vae = _build(AutoencoderKL, VAEConfig, parts[VAE], "encoder.conv_in.weight", 0, "ch")
+    vae = _assign(path, vae, parts[VAE], lambda k: VAE + k, device, dtype)
+    text_encoder = _build(CLIPTextModel, CLIPConfig, parts[CLIP], "embeddings.token_embedding.weight", 1, "width")
+    text_encoder = _assign(path, text_encoder, parts[CLIP], lambda k: CLIP + k, device, dtype)
     return StableDiffusion(Tokenizer(), text_encoder, unet, vae, sd_alphas_cumprod().to(device),
-                           name=name or path.name, resolution=64 if unet_cfg == UNetConfig.tiny() else 512,
+                           name=name or path.name, resolution=64 if unet.config == UNetConfig.tiny() else 512,
                            latent_scale=float(_metadata(path).get("latent_scale", LATENT_SCALE)))
 
 
@@ -116,8 +115,8 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
                if not k.startswith("loss.") and k not in VAE_IGNORED}
     if "encoder.conv_in.weight" not in weights:
         raise CheckpointError(f"{path} is not a VAE: it has no {prefix}encoder.conv_in.weight")
-    cfg = _config(VAEConfig, weights, "encoder.conv_in.weight", 0, "ch")
-    return _assign(path, _build(AutoencoderKL, cfg), weights, lambda k: prefix + k, device, dtype)
+    vae = _build(AutoencoderKL, VAEConfig, weights, "encoder.conv_in.weight", 0, "ch")
+    return _assign(path, vae, weights, lambda k: prefix + k, device, dtype)
 
 
 def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, metadata: dict | None = None) -> None:
@@ -300,16 +299,6 @@ def _check_schedule(path: Path, stored: torch.Tensor) -> None:
                               "(scaled-linear betas 0.00085 -> 0.012, 1000 steps)")
 
 
-def _config(cls, tensors: dict[str, torch.Tensor], key: str, dim: int, field: str):
-    """SD v1's config, or the tiny one when the width at tensors[key].shape[dim] is the tiny's.
-
-    Head counts cannot be read off shapes, so a file has SD v1's sizes (8 UNet heads, 12 CLIP
-    heads) or the tiny model's (a saved tiny model loads back); any other size then fails the
-    shape checks against SD v1, which name the key."""
-    tiny = cls.tiny()
-    return tiny if key in tensors and tensors[key].shape[dim] == getattr(tiny, field) else cls()
-
-
 def _ema_key(key: str) -> str:
     return EMA + "diffusion_model" + key.replace(".", "")
 
@@ -327,10 +316,17 @@ def _ema_weights(path: Path, unet: UNetModel, ema: dict[str, torch.Tensor]) -> d
 
 # ---- building models -----------------------------------------------------------------------
 
-def _build(cls, cfg):
-    """A model with shapes but no memory: its tensors come from the file."""
+def _build(model_cls, config_cls, tensors: dict[str, torch.Tensor], key: str, dim: int, field: str):
+    """A model with shapes but no memory (its tensors come from the file): of SD v1's config, or of the tiny one
+    when the width at tensors[key].shape[dim] is the tiny's.
+
+    Head counts cannot be read off shapes, so a file has SD v1's sizes (8 UNet heads, 12 CLIP
+    heads) or the tiny model's (a saved tiny model loads back); any other size then fails the
+    shape checks against SD v1, which name the key."""
+    tiny = config_cls.tiny()
+    cfg = tiny if key in tensors and tensors[key].shape[dim] == getattr(tiny, field) else config_cls()
     with torch.device("meta"):
-        return cls(cfg)
+        return model_cls(cfg)
 
 
 def _assign(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], file_key, device, dtype):
