@@ -61,6 +61,11 @@ def parse_args(argv=None):
     return args
 
 
+def prompt_of(prompts: list[str], i: int) -> str:
+    """Image i's prompt: the prompts take turns, so a resumed run gives every image the one it had."""
+    return prompts[i % len(prompts)]
+
+
 def read_manifest(outdir: Path, settings: dict, prompts: list[str]) -> set[str]:
     """The files of outdir that manifest.jsonl records as finished (and that exist), after checking that every
     record was made with `settings` and its image's prompt. A last line cut short by an interruption is dropped."""
@@ -81,7 +86,7 @@ def read_manifest(outdir: Path, settings: dict, prompts: list[str]) -> set[str]:
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"make_prior.py: error: {manifest} line {n} is not a manifest record ({e})") from None
         for key in keys:
-            value = prompts[index % len(prompts)] if key == "prompt" else settings.get(key)
+            value = prompt_of(prompts, index) if key == "prompt" else settings.get(key)
             if recorded[key] != value:
                 raise SystemExit(f"make_prior.py: error: {outdir} holds images made with {key} {recorded[key]!r}, "
                                  f"not {value!r}; choose another --outdir or empty the folder")
@@ -96,7 +101,7 @@ def write_batches(sd, args, todo, names, done, settings, remaining, height, widt
     with open(outdir / "manifest.jsonl", "a") as manifest, \
             cli.progress(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
         for batch in todo:
-            prompts = [args.prompts[i % len(args.prompts)] for i in batch]
+            prompts = [prompt_of(args.prompts, i) for i in batch]
             images = generate(sd, prompts, [args.seed + i for i in batch], steps=args.ddim_steps,
                               scale=args.scale, eta=ETA, height=height, width=width, progress=False,
                               precision=args.precision)
