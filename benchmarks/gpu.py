@@ -10,6 +10,9 @@ two random photos (VAE posteriors and contexts cached, channels_last, gradient c
 graph) and the timed call is the loop's: `optimizer.set_lr(lr); step(generator)`. Rows run eagerly or as one CUDA
 graph (recorded during the warm-up steps), with gradient checkpointing on and off, with the text encoder trained.
 Peak memory is torch.cuda.max_memory_allocated from the end of setup on, as train.py reports it "in the steps".
+Each training row runs in a process of its own, as train.py does: run in one process, the rows' peaks added up
+(on an H200 the second row peaked at 20.14 GiB after the first, 10.44 GiB alone), the earlier rows' models,
+optimizers and CUDA graph pools still held.
 The reference is the step of diffusers' train_dreambooth.py with diffusers' UNet2DConditionModel (and transformers'
 CLIPTextModel) holding the same weights, its batches drawn by train.py's Photos.draw, bf16 autocast, and torch's
 fused AdamW after backward.
@@ -26,7 +29,9 @@ import contextlib
 import functools
 import gc
 import io
+import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -86,6 +91,7 @@ def parse_args(argv=None):
                                               "(default 5: train.py records after 3 eager steps)")
     p.add_argument("--repeats", type=int, help="timed sampling runs per row, after one warm-up (default 3, quick and "
                                                "smoke 1)")
+    p.add_argument("--row", type=int, help=argparse.SUPPRESS)  # the child process of one training row (run_row)
     args = p.parse_args(argv)
     args.cpu_smoke = args.cpu_smoke or not torch.cuda.is_available()
     for name, full, quick, smoke in (("steps", 30, 15, 2), ("warmup", 5, 5, 1), ("repeats", 3, 1, 1)):
@@ -192,6 +198,15 @@ def diffusers_step(sizes, device, graph, checkpointing, train_text_encoder):
     return step
 
 
+def run_row(index, args) -> tuple[float, float | None]:
+    """Training row TRAIN_ROWS[index] timed in a child process of its own: (steps per second, peak GiB or None)."""
+    cmd = [sys.executable, __file__, "--row", str(index), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    child = subprocess.run(cmd + (["--cpu-smoke"] if args.cpu_smoke else []), capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"gpu.py: training row {TRAIN_ROWS[index]} failed:\n{child.stderr[-3000:]}")
+    return tuple(json.loads(child.stdout.splitlines()[-1]))
+
+
 def time_training(make, args, sizes, device, **row) -> tuple[float, float | None]:
     """(steps per second, peak GiB or None on the CPU) over args.steps steps after args.warmup steps."""
     free_memory(device)
@@ -250,6 +265,13 @@ def main(argv=None):
     sizes = SMOKE if args.cpu_smoke else FULL
     if args.cpu_smoke:
         torch.set_num_threads(1)  # tiny ops gain nothing from threads, and lose much when other jobs share the cores
+    if args.row is not None:  # one training row, in its own process (run_row): its figures as JSON
+        trainer, graph, checkpointing, text_encoder, _ = TRAIN_ROWS[args.row]
+        make = diffusers_step if trainer == "diffusers" else \
+            functools.partial(ours_step, lora=int(trainer.removeprefix("lora-")) if trainer != "ours" else 0)
+        print(json.dumps(time_training(make, args, sizes, device, graph=graph, checkpointing=checkpointing,
+                                       train_text_encoder=text_encoder)))
+        return
     missing = reference_missing()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke run (tiny models, no benchmark)"
     versions = f"torch {torch.__version__}" + ("" if missing else f", diffusers {__import__('diffusers').__version__}")
@@ -259,7 +281,7 @@ def main(argv=None):
           f"cached latents, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, fp32 weights and AdamW; "
           f"{args.steps} steps timed after {args.warmup}")
     print(f"{'trainer':10} {'step':6} {'checkpointing':14} {'text encoder':13} {'steps/s':>8} {'peak GiB':>9}")
-    for trainer, graph, checkpointing, text_encoder, in_quick in TRAIN_ROWS:
+    for index, (trainer, graph, checkpointing, text_encoder, in_quick) in enumerate(TRAIN_ROWS):
         label = (f"{trainer:10} {'graph' if graph else 'eager':6} {'on' if checkpointing else 'off':14} "
                  f"{'trained' if text_encoder else 'frozen':13}")
         if args.quick and not in_quick:
@@ -267,10 +289,7 @@ def main(argv=None):
         if skipped := why_skipped(trainer, graph, missing, device):
             print(f"{label} {skipped}")
             continue
-        make = diffusers_step if trainer == "diffusers" else \
-            functools.partial(ours_step, lora=int(trainer.removeprefix("lora-")) if trainer != "ours" else 0)
-        steps_per_s, peak = time_training(make, args, sizes, device,
-                                          graph=graph, checkpointing=checkpointing, train_text_encoder=text_encoder)
+        steps_per_s, peak = run_row(index, args)
         print(f"{label} {steps_per_s:8.2f} {'-' if peak is None else f'{peak:.2f}':>9}", flush=True)
 
     print(f"\nSampling: {sizes.n_images} images x {sizes.ddim_steps} DDIM steps, CFG 7.5, {sizes.resolution} px, "
