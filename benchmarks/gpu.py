@@ -209,7 +209,6 @@ def run_row(index, args) -> tuple[float, float | None]:
 
 def time_training(make, args, sizes, device, **row) -> tuple[float, float | None]:
     """(steps per second, peak GiB or None on the CPU) over args.steps steps after args.warmup steps."""
-    free_memory(device)
     step = make(sizes, device, **row)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # from the end of setup on, as train.py counts
