@@ -23,7 +23,13 @@ The pictures come from dreambooth/toyworld.py; nothing is read from disk. Three 
 4. The VAE's decoder alone is fine-tuned (encoder frozen, so the UNet's latents keep their meaning), as SD's
    ft-MSE VAE was: after phase 2 alone the colours came out muddy (red as brown-orange, yellow as orange).
 
+With --vae-from FILE, phases 2 and 4 are skipped: the VAE (fine-tuned decoder included) and its latent scale are an
+earlier toy file's, and only the UNet is trained. The VAE's training is the run's lottery (README, "The toy world"):
+this keeps a VAE known to be good while the UNet changes.
+
 Runs are deterministic for a given --seed and --threads (1 thread is bit-for-bit repeatable on one machine).
+Torch's generator is reseeded at the start of each training phase (seed, seed + 2, seed + 4, as the numpy streams
+are numbered), so a phase's noise and timesteps do not depend on how many numbers the phases before it drew.
 Unlike the other programs, make_toy.py leaves OpenMP's threads to spin while they wait (OMP_WAIT_POLICY unset):
 it is a long job meant to run alone, and its UNet step (batch 64) took 0.30 s spinning, 0.53 s with PASSIVE; the
 weights are the same either way. Beside another job, run it with OMP_WAIT_POLICY=PASSIVE (README, "Two jobs on
@@ -36,11 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
 import cli
 import dreambooth
 from dreambooth import toyworld
 from dreambooth.ddim import add_noise
+from dreambooth.vae import AutoencoderKL, VAEConfig
 
 KL_WEIGHT = 5e-5     # of the KL term, per latent element, against the per-pixel MSE of images in [-1, 1]
 VAE_BATCH = 24
@@ -59,6 +67,8 @@ def parse_args(argv=None):
                    "the toy DreamBooth subject (an orange ring).", [
                        "python make_toy.py",
                        "python make_toy.py --threads 1 --out /tmp/toy.safetensors --subject-dir /tmp/toy",
+                       "python make_toy.py --vae-from dreambooth/toy.safetensors --out /tmp/toy.safetensors "
+                       "--subject-dir /tmp/toy   # a new UNet on the shipped VAE",
                        "python make_toy.py --vae-steps 50 --unet-steps 50 --decoder-steps 50 "
                        "--out /tmp/quick.safetensors --subject-dir /tmp/toy   # a smoke run"])
     p.add_argument("--out", default="dreambooth/toy.safetensors", help="the model file to write")
@@ -66,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=500, help="VAE optimizer steps")
     p.add_argument("--unet-steps", type=int, default=2300, help="UNet optimizer steps")
     p.add_argument("--decoder-steps", type=int, default=600, help="optimizer steps of the decoder's fine-tuning")
+    p.add_argument("--vae-from", metavar="FILE", help="take the VAE and its latent scale from an earlier toy file "
+                   "instead of training them (phases 2 and 4): only the UNet is trained, in about half the time")
     p.add_argument("--seed", type=int, default=0, help="seed of the pictures, noise and timesteps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
@@ -157,8 +169,26 @@ def encode(vae, images, chunk: int = 200) -> torch.Tensor:
                       for i in range(0, len(images), chunk)])
 
 
+def earlier_vae(path: str):
+    """The VAE of an earlier toy file, its latent scale and how it was made (--vae-from). The file's UNet may be of
+    another size: only its first_stage_model.* weights and metadata are read."""
+    try:
+        with safe_open(path, "pt") as f:
+            made = f.metadata() or {}
+            weights = {k.removeprefix("first_stage_model."): f.get_tensor(k).float()
+                       for k in f.keys() if k.startswith("first_stage_model.")}
+    except (OSError, SafetensorError) as e:
+        raise SystemExit(f"make_toy.py: --vae-from {path}: cannot read it as .safetensors ({e})")
+    if made.get("made_by") != "make_toy.py" or "latent_scale" not in made:
+        raise SystemExit(f"make_toy.py: --vae-from {path}: not a file make_toy.py wrote (its metadata has no made_by "
+                         "make_toy.py and latent_scale)")
+    vae = AutoencoderKL(VAEConfig.tiny())
+    vae.load_state_dict(weights)
+    return vae.eval().requires_grad_(False), float(made["latent_scale"]), made
+
+
 def caption_contexts(sd):
-    """Every caption the UNet is trained on, and their frozen CLIP contexts: (index of caption, [K, 77, 32])."""
+    """Every caption the UNet is trained on, and their frozen CLIP contexts: (index of caption, [K, 77, CLIP width])."""
     captions = [""] + [f"a {s}" for s in toyworld.SHAPES]
     captions += [f"a {c} {s}" for s in toyworld.SHAPES for c in toyworld.COLOURS]
     return {text: k for k, text in enumerate(captions)}, sd.encode_text(captions)
@@ -223,17 +253,27 @@ def main(argv=None):
     t0 = time.time()
     sd = dreambooth.load("tiny")  # the random tiny model: its CLIP stays as it is, the VAE and UNet are trained
 
-    train_vae(sd.vae, args.vae_steps, rngs[0])
+    if args.vae_from:
+        sd.vae, sd.latent_scale, made = earlier_vae(args.vae_from)
+        vae_metadata = {"vae": f"from {Path(args.vae_from).name}, made by make_toy.py --seed {made.get('seed')} in "
+                               f"{made.get('seconds')} s with torch {made.get('torch')}",
+                        "vae_steps": made.get("vae_steps", "?"), "decoder_steps": made.get("decoder_steps", "?")}
+    else:
+        train_vae(sd.vae, args.vae_steps, rngs[0])
+        vae_metadata = {"vae_steps": str(args.vae_steps), "decoder_steps": str(args.decoder_steps)}
     images, labels = vocabulary_images(rngs[1])
     posteriors = encode(sd.vae, images)
-    mean, logvar = posteriors.chunk(2, dim=1)
-    std = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)).std().item()
-    sd.latent_scale = 1.0 / std  # unit-variance latents for the UNet, as SD's scale_factor
-    print(f"latent std {std:.3f}: latent scale {sd.latent_scale:.4f}; {time.time() - t0:.0f} s so far", flush=True)
+    if not args.vae_from:
+        mean, logvar = posteriors.chunk(2, dim=1)
+        std = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)).std().item()
+        sd.latent_scale = 1.0 / std  # unit-variance latents for the UNet, as SD's scale_factor
+    print(f"latent scale {sd.latent_scale:.4f}; {time.time() - t0:.0f} s so far", flush=True)
 
+    torch.manual_seed(args.seed + 2)
     train_unet(sd, posteriors, labels, args.unet_steps, rngs[2])
-    torch.manual_seed(args.seed + 4)
-    finetune_decoder(sd.vae, args.decoder_steps, rngs[4])
+    if not args.vae_from:  # an earlier file's decoder was fine-tuned already
+        torch.manual_seed(args.seed + 4)
+        finetune_decoder(sd.vae, args.decoder_steps, rngs[4])
     check = np.random.default_rng([args.seed, 9])
     rmse = {"vocabulary": recon_rmse(sd.vae, vocabulary_images(check)[0][::200]),
             "broad": recon_rmse(sd.vae, [toyworld.random_scene(check) for _ in range(48)]),
@@ -242,9 +282,8 @@ def main(argv=None):
     print("vae reconstruction rmse (0..255): " + ", ".join(f"{k} {v:.1f}" for k, v in rmse.items()), flush=True)
     seconds = time.time() - t0
     sd.name = "toy"
-    metadata = {"made_by": "make_toy.py", "seed": str(args.seed), "threads": str(args.threads),
-                "vae_steps": str(args.vae_steps), "unet_steps": str(args.unet_steps),
-                "decoder_steps": str(args.decoder_steps), "noise_offset": str(NOISE_OFFSET),
+    metadata = {"made_by": "make_toy.py", "seed": str(args.seed), "threads": str(args.threads), **vae_metadata,
+                "unet_steps": str(args.unet_steps), "noise_offset": str(NOISE_OFFSET),
                 "seconds": f"{seconds:.0f}", "torch": torch.__version__,
                 "vae_rmse": ", ".join(f"{k} {v:.1f}" for k, v in rmse.items()),
                 "captions": "a <colour> <shape> 70 %, a <shape> 20 %, empty 10 %; shapes " +

@@ -135,7 +135,7 @@ def dreambooth_run(args, work: Path, prior: bool) -> dict:
     drift = sum(map(toyworld.is_subject, class_images))
     orange = sum(toyworld.dominant_colour(im) == "orange" for im in class_images)
     return {"seconds": seconds, "subject": subject, "class_drift": drift, "class_orange": orange,
-            **vocabulary_accuracy(sd, args, per_prompt=2)}
+            **vocabulary_accuracy(sd, args, per_prompt=4)}
 
 
 def main(argv=None):

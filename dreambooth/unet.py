@@ -35,8 +35,9 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
-        """Same topology, few channels: for tests and the built-in toy model."""
-        return cls(model_channels=32, channel_mult=(1, 2, 2, 2), num_heads=4, context_dim=32)
+        """Few channels and one ResBlock per level where SD has two (two, not three, on the way up): for tests and
+        the toy model, whose file must stay under 10 MB (README, "The toy world")."""
+        return cls(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, num_heads=4, context_dim=32)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""make_toy.py in miniature: a few steps of each phase on a few pictures, to check what it writes and --vae-from.
+(What the real run learns is checked by test_toy.py and measured by benchmarks/toy.py.)"""
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import dreambooth
+import make_toy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FEW_STEPS = ["--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "2", "--threads", "1"]
+
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setattr(make_toy, "PER_CAPTION", 2)  # 24 pictures for the UNet, not 9,600
+
+
+def test_a_run_writes_a_toy_file_and_the_subject(tmp_path, small):
+    make_toy.main(FEW_STEPS + ["--out", str(tmp_path / "toy.safetensors"), "--subject-dir", str(tmp_path / "subj")])
+    sd = dreambooth.load(tmp_path / "toy.safetensors")
+    assert sd.resolution == 64 and sd.latent_scale != dreambooth.vae.LATENT_SCALE
+    tiny = dreambooth.load("tiny")
+    assert not torch.equal(sd.unet.input_blocks[0][0].weight, tiny.unet.input_blocks[0][0].weight)
+    assert not torch.equal(sd.vae.decoder.conv_out.weight, tiny.vae.decoder.conv_out.weight)
+    assert len(list((tmp_path / "subj").glob("*.png"))) == 5
+
+
+def test_vae_from_keeps_the_earlier_files_vae_and_trains_a_new_unet(tmp_path, small):
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    make_toy.main(FEW_STEPS + ["--out", str(first), "--subject-dir", str(tmp_path / "subj")])
+    make_toy.main(["--vae-from", str(first), "--unet-steps", "3", "--threads", "1", "--out", str(second),
+                   "--subject-dir", str(tmp_path / "subj")])
+    a, b = dreambooth.load(first), dreambooth.load(second)
+    assert b.latent_scale == a.latent_scale
+    for (name, x), y in zip(a.vae.state_dict().items(), b.vae.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.unet.out[2].weight, b.unet.out[2].weight)  # 3 UNet steps, not 2
+    with safe_open(second, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["vae"].startswith("from first.safetensors, made by make_toy.py --seed 0")
+    assert (metadata["vae_steps"], metadata["unet_steps"]) == ("2", "3")
+
+
+def test_vae_from_refuses_a_file_make_toy_did_not_write(tmp_path):
+    dreambooth.save(dreambooth.load("tiny"), tmp_path / "tiny.safetensors")
+    for path, why in ((tmp_path / "tiny.safetensors", "not a file make_toy.py wrote"),
+                      (tmp_path / "missing.safetensors", "cannot read it")):
+        with pytest.raises(SystemExit, match="^" + re.escape(f"make_toy.py: --vae-from {path}: {why}")):
+            make_toy.main(["--vae-from", str(path), "--out", str(tmp_path / "out.safetensors")])
+        assert not (tmp_path / "out.safetensors").exists()
