@@ -2,7 +2,7 @@
 subject, and does the prior keep the class from drifting?
 
     python make_toy.py                          # once: dreambooth/toy.safetensors and examples/toy/
-    python benchmarks/toy.py                    # about 7 minutes on 2 cores
+    python benchmarks/toy.py                    # about 5 minutes on 2 cores
     python benchmarks/toy.py --images docs/toy  # and the README's pictures
     python benchmarks/toy.py --steps 300 --lr 2e-5 --skip-no-prior
 

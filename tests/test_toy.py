@@ -23,9 +23,9 @@ def samples(sd, prompt):
 @torch.no_grad()
 def test_dreambooth_teaches_the_toy_model_its_subject(tmp_path):
     """150 steps of plain fine-tuning (train.py's toy defaults, no prior: the clearest signal, in 25 s on 2 cores):
-    before, no "a sks circle" sample shows the orange ring; after, most do (14/16 measured), while a prompt of
-    another shape and colour mostly keeps its colour (11/16 measured: fine-tuning spreads the subject's colour to
-    other prompts, README "The toy world"; a model that draws only the subject keeps none)."""
+    before, no "a sks circle" sample shows the orange ring; after, most do (12/16 measured), while a prompt of
+    another shape and colour keeps its colour (16/16 measured; fine-tuning can spread the subject's colour to other
+    prompts, README "The toy world", and a model that draws only the subject keeps none)."""
     base = dreambooth.load("toy")
     assert sum(map(toyworld.is_subject, samples(base, "a sks circle"))) <= 1
     out = tmp_path / "run"
