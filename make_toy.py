@@ -183,7 +183,10 @@ def earlier_vae(path: str):
         raise SystemExit(f"make_toy.py: --vae-from {path}: not a file make_toy.py wrote (its metadata has no made_by "
                          "make_toy.py and latent_scale)")
     vae = AutoencoderKL(VAEConfig.tiny())
-    vae.load_state_dict(weights)
+    try:
+        vae.load_state_dict(weights)
+    except RuntimeError as e:
+        raise SystemExit(f"make_toy.py: --vae-from {path}: its VAE is not the toy's ({str(e).splitlines()[1].strip()})")
     return vae.eval().requires_grad_(False), float(made["latent_scale"]), made
 
 

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import dreambooth
 import make_toy
@@ -37,7 +38,7 @@ def test_vae_from_keeps_the_earlier_files_vae_and_trains_a_new_unet(tmp_path, sm
     assert b.latent_scale == a.latent_scale
     for (name, x), y in zip(a.vae.state_dict().items(), b.vae.state_dict().values()):
         assert torch.equal(x, y), name
-    assert not torch.equal(a.unet.out[2].weight, b.unet.out[2].weight)  # 3 UNet steps, not 2
+    assert not torch.equal(b.unet.out[2].weight, dreambooth.load("tiny").unet.out[2].weight)  # trained
     with safe_open(second, "pt") as f:
         metadata = f.metadata()
     assert metadata["vae"].startswith("from first.safetensors, made by make_toy.py --seed 0")
@@ -46,8 +47,13 @@ def test_vae_from_keeps_the_earlier_files_vae_and_trains_a_new_unet(tmp_path, sm
 
 def test_vae_from_refuses_a_file_make_toy_did_not_write(tmp_path):
     dreambooth.save(dreambooth.load("tiny"), tmp_path / "tiny.safetensors")
+    tensors = load_file(dreambooth.checkpoint.TOY_FILE)  # the toy file less one VAE tensor
+    del tensors["first_stage_model.decoder.conv_out.bias"]
+    with safe_open(dreambooth.checkpoint.TOY_FILE, "pt") as f:
+        save_file(tensors, tmp_path / "cut.safetensors", metadata=f.metadata())
     for path, why in ((tmp_path / "tiny.safetensors", "not a file make_toy.py wrote"),
-                      (tmp_path / "missing.safetensors", "cannot read it")):
+                      (tmp_path / "missing.safetensors", "cannot read it"),
+                      (tmp_path / "cut.safetensors", "its VAE is not the toy's (Missing key(s)")):
         with pytest.raises(SystemExit, match="^" + re.escape(f"make_toy.py: --vae-from {path}: {why}")):
             make_toy.main(["--vae-from", str(path), "--out", str(tmp_path / "out.safetensors")])
         assert not (tmp_path / "out.safetensors").exists()
