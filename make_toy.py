@@ -74,10 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="dreambooth/toy.safetensors", help="the model file to write")
     p.add_argument("--subject-dir", default="examples/toy", help="where the subject's pictures go")
     p.add_argument("--vae-steps", type=int, default=500, help="VAE optimizer steps")
-    p.add_argument("--unet-steps", type=int, default=2300, help="UNet optimizer steps")
+    p.add_argument("--unet-steps", type=int, default=3200, help="UNet optimizer steps")
     p.add_argument("--decoder-steps", type=int, default=600, help="optimizer steps of the decoder's fine-tuning")
     p.add_argument("--vae-from", metavar="FILE", help="take the VAE and its latent scale from an earlier toy file "
-                   "instead of training them (phases 2 and 4): only the UNet is trained, in about half the time")
+                   "instead of training them (phases 2 and 4): only the UNet is trained, in two thirds of the time")
     p.add_argument("--seed", type=int, default=0, help="seed of the pictures, noise and timesteps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
