@@ -33,8 +33,8 @@ Torch's generator is reseeded at the start of each training phase (seed, seed + 
 are numbered), so a phase's noise and timesteps do not depend on how many numbers the phases before it drew.
 Unlike the other programs, make_toy.py leaves OpenMP's threads to spin while they wait (OMP_WAIT_POLICY unset):
 it is a long job meant to run alone. The 2026-11-26 file's UNet step (batch 64) took 0.30 s spinning, 0.53 s with
-PASSIVE; today's smaller UNet, 0.28 s either way on a 2-core Xeon. The weights are the same either way. Beside
-another job, run it with OMP_WAIT_POLICY=PASSIVE (README, "Two jobs on one CPU").
+PASSIVE; UNetConfig.tiny()'s smaller UNet, 0.28 s either way on a 2-core Xeon. The weights are the same either way.
+Beside another job, run it with OMP_WAIT_POLICY=PASSIVE (README, "Two jobs on one CPU").
 """
 import os
 import time
