@@ -24,8 +24,8 @@ The pictures come from dreambooth/toyworld.py; nothing is read from disk. Three 
    ft-MSE VAE was: after phase 2 alone the colours came out muddy (red as brown-orange, yellow as orange).
 
 With --vae-from FILE, phases 2 and 4 are skipped: the VAE (fine-tuned decoder included) and its latent scale are an
-earlier toy file's, and only the UNet is trained. The VAE's training is the run's lottery (README, "The toy world"):
-this keeps a VAE known to be good while the UNet changes.
+earlier toy file's, and only the UNet is trained. The VAE's training is the run's lottery (README, "Why some VAEs
+fail"): this keeps a VAE known to be good while the UNet changes.
 
 Runs are deterministic for a given --seed and --threads: on one machine, 1-thread runs repeat bit for bit, and
 so did two 2-thread --vae-from runs.
