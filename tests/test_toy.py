@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dreambooth
+import make_toy
 import train
 from dreambooth import toyworld
 from dreambooth.generate import generate
@@ -67,9 +68,7 @@ def test_the_toy_vae_gives_back_the_colours_it_encodes():
     colours = [c for c in toyworld.COLOURS for _ in range(12)]
     pictures = [toyworld.draw(rng, str(rng.choice(toyworld.SHAPES)), c) for c in colours]
     rings = [toyworld.draw(rng, toyworld.SUBJECT["shape"], toyworld.SUBJECT["colour"]) for _ in range(8)]
-    x = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-                     for p in pictures + rings])
-    latents = sd.vae.encode(x)[0] * sd.latent_scale
+    latents = sd.vae.encode(make_toy.to_tensor(pictures + rings))[0] * sd.latent_scale
     generator = torch.Generator().manual_seed(0)
     # Of 48, the shipped file: 46 and 46 (subject 8/8 and 8/8); the --seed 1 VAE of the README's table: 22 (3/8).
     for noise, at_least in ((0.0, 44), (0.3, 42)):
