@@ -21,6 +21,7 @@ refuses everything else. sd-v1-4.ckpt also names one PyTorch Lightning class (it
 import os
 import pickle
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -84,7 +85,8 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     unet_weights = _ema_weights(path, unet, parts[EMA]) if ema else parts[UNET]
     unet = _assign(path, unet, unet_weights, _ema_key if ema else lambda k: UNET + k, device, dtype)
 
-    vae = _build(AutoencoderKL, VAEConfig, parts[VAE], "encoder.conv_in.weight", 0, "ch")
+    vae = _build(AutoencoderKL, VAEConfig, parts[VAE], "encoder.conv_in.weight", 0, "ch",
+                 **_vae_groups(path, parts[VAE]))
     vae = _assign(path, vae, parts[VAE], lambda k: VAE + k, device, dtype)
     text_encoder = _build(CLIPTextModel, CLIPConfig, parts[CLIP], "embeddings.token_embedding.weight", 1, "width")
     text_encoder = _assign(path, text_encoder, parts[CLIP], lambda k: CLIP + k, device, dtype)
@@ -115,14 +117,15 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
                if not k.startswith("loss.") and k not in VAE_IGNORED}
     if "encoder.conv_in.weight" not in weights:
         raise CheckpointError(f"{path} is not a VAE: it has no {prefix}encoder.conv_in.weight")
-    vae = _build(AutoencoderKL, VAEConfig, weights, "encoder.conv_in.weight", 0, "ch")
+    vae = _build(AutoencoderKL, VAEConfig, weights, "encoder.conv_in.weight", 0, "ch", **_vae_groups(path, weights))
     return _assign(path, vae, weights, lambda k: prefix + k, device, dtype)
 
 
 def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, metadata: dict | None = None) -> None:
     """Write `sd` as a .safetensors file in the original CompVis layout, atomically (files.write_atomic).
     Weights are cast to `dtype`; the schedule buffers stay float32. The file's metadata holds the latent scale
-    where it is not SD v1's (load reads it back) and the strings in `metadata`."""
+    and the VAE's GroupNorm groups where they are not SD v1's (load reads them back; the groups cannot be seen in
+    the weights' shapes), and the strings in `metadata`."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save: {path} must end in .safetensors (the only format save writes)")
@@ -135,7 +138,9 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, meta
     # Only what differs from SD v1 is written: safetensors writes metadata in no fixed order, so one entry keeps
     # files of the same weights byte-identical.
     own_scale = {"latent_scale": repr(sd.latent_scale)} if sd.latent_scale != LATENT_SCALE else {}
-    metadata = {"format": "pt", **own_scale, **(metadata or {})}
+    groups = sd.vae.config.norm_groups
+    own_groups = {"vae_norm_groups": str(groups)} if groups != VAEConfig().norm_groups else {}
+    metadata = {"format": "pt", **own_scale, **own_groups, **(metadata or {})}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -201,6 +206,18 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
     return obj
+
+
+def _vae_groups(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{"norm_groups": n} where the file's metadata names the VAE's GroupNorm groups (save writes it), else {}."""
+    value = _metadata(path).get("vae_norm_groups")
+    if value is None:
+        return {}
+    width = weights["encoder.conv_in.weight"].shape[0] if "encoder.conv_in.weight" in weights else 0
+    if not value.isdigit() or int(value) == 0 or width % int(value):
+        raise CheckpointError(f"{path}: metadata vae_norm_groups is {value!r}, not a number of groups that divides "
+                              f"the VAE's {width} channels")
+    return {"norm_groups": int(value)}
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -316,15 +333,16 @@ def _ema_weights(path: Path, unet: UNetModel, ema: dict[str, torch.Tensor]) -> d
 
 # ---- building models -----------------------------------------------------------------------
 
-def _build(model_cls, config_cls, tensors: dict[str, torch.Tensor], key: str, dim: int, field: str):
+def _build(model_cls, config_cls, tensors: dict[str, torch.Tensor], key: str, dim: int, field: str, **fields):
     """A model with shapes but no memory (its tensors come from the file): of SD v1's config, or of the tiny one
     when the width at tensors[key].shape[dim] is the tiny's.
 
     Head counts cannot be read off shapes, so a file has SD v1's sizes (8 UNet heads, 12 CLIP
     heads) or the tiny model's (a saved tiny model loads back); any other size then fails the
-    shape checks against SD v1, which name the key."""
+    shape checks against SD v1, which name the key. `fields` replace the config's own (a file's metadata)."""
     tiny = config_cls.tiny()
     cfg = tiny if key in tensors and tensors[key].shape[dim] == getattr(tiny, field) else config_cls()
+    cfg = replace(cfg, **fields)
     with torch.device("meta"):
         return model_cls(cfg)
 

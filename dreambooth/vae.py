@@ -31,6 +31,8 @@ class VAEConfig:
     embed_dim: int = 4                 # channels after quant_conv (equal to z_channels in SD v1)
     in_channels: int = 3
     out_channels: int = 3
+    norm_groups: int = 32              # of every GroupNorm (diffusers' norm_num_groups); a file's metadata may say
+                                       # otherwise (checkpoint.py): the toy model's VAE has 8 (make_toy.py says why)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
@@ -38,18 +40,18 @@ class VAEConfig:
         return cls(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)  # eps 1e-6 throughout the VAE (unet.py's ResBlocks: 1e-5)
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)  # eps 1e-6 throughout the VAE (unet.py's ResBlocks: 1e-5)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, plus the input (through a 1x1 conv when the width changes)."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
@@ -62,9 +64,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions; q, k, v and proj_out are 1x1 convs as stored."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.norm = group_norm(ch)
+        self.norm = group_norm(ch, groups)
         self.q = nn.Conv2d(ch, ch, 1)
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
@@ -85,11 +87,11 @@ class AttnBlock(nn.Module):
 class Mid(nn.Sequential):
     """The lowest resolution of encoder and decoder alike: ResnetBlock, self-attention, ResnetBlock."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(ch, ch)
-        self.attn_1 = AttnBlock(ch)
-        self.block_2 = ResnetBlock(ch, ch)
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.attn_1 = AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
 
 
 class Downsample(nn.Module):
@@ -115,18 +117,20 @@ class Upsample(nn.Module):
 class Down(nn.Sequential):
     """One encoder level `down.i`: ResnetBlocks `block.0`, `block.1`, ..., then a Downsample (none at the last)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, downsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, groups: int, downsample: bool):
         super().__init__()
-        self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks)))
+        self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups)
+                                     for i in range(num_blocks)))
         self.downsample = Downsample(out_ch) if downsample else nn.Identity()
 
 
 class Up(nn.Sequential):
     """One decoder level `up.i`: ResnetBlocks `block.0`, `block.1`, ..., then an Upsample (none at full resolution)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, upsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, groups: int, upsample: bool):
         super().__init__()
-        self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(num_blocks)))
+        self.block = nn.Sequential(*(ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups)
+                                     for i in range(num_blocks)))
         self.upsample = Upsample(out_ch) if upsample else nn.Identity()
 
 
@@ -138,10 +142,10 @@ class Encoder(nn.Module):
         chs = [cfg.ch * mult for mult in cfg.ch_mult]  # channels per level
         in_chs = [cfg.ch] + chs[:-1]  # level i takes level i - 1's channels; the first takes conv_in's
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        self.down = nn.Sequential(*(Down(in_chs[i], chs[i], cfg.num_res_blocks, downsample=i != len(chs) - 1)
-                                    for i in range(len(chs))))
-        self.mid = Mid(chs[-1])
-        self.norm_out = group_norm(chs[-1])
+        self.down = nn.Sequential(*(Down(in_chs[i], chs[i], cfg.num_res_blocks, cfg.norm_groups,
+                                         downsample=i != len(chs) - 1) for i in range(len(chs))))
+        self.mid = Mid(chs[-1], cfg.norm_groups)
+        self.norm_out = group_norm(chs[-1], cfg.norm_groups)
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,10 +162,11 @@ class Decoder(nn.Module):
         chs = [cfg.ch * mult for mult in cfg.ch_mult]  # channels per level
         in_chs = chs[1:] + chs[-1:]  # level i takes level i + 1's channels; the deepest takes the mid's
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
-        self.mid = Mid(chs[-1])
-        ups = [Up(in_chs[i], chs[i], cfg.num_res_blocks + 1, upsample=i != 0) for i in reversed(range(len(chs)))]
+        self.mid = Mid(chs[-1], cfg.norm_groups)
+        ups = [Up(in_chs[i], chs[i], cfg.num_res_blocks + 1, cfg.norm_groups, upsample=i != 0)
+               for i in reversed(range(len(chs)))]
         self.up = nn.ModuleList(reversed(ups))
-        self.norm_out = group_norm(chs[0])
+        self.norm_out = group_norm(chs[0], cfg.norm_groups)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ def diffusers_vae_config(cfg: VAEConfig) -> dict:
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
         block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
-        latent_channels=cfg.z_channels, norm_num_groups=32, sample_size=512,
+        latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups, sample_size=512,
     )
 
 

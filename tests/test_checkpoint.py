@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import dreambooth
 from dreambooth.checkpoint import CLIP, UNET, VAE, CheckpointError
 from dreambooth.unet import UNetConfig
-from tests.references import (assert_close, compvis_schedule, diffusers_unet_config, parity_inputs,
+from dreambooth.vae import AutoencoderKL
+from tests.references import (assert_close, compvis_schedule, diffusers_unet_config, parity_inputs, random_model,
                               single_file_pipeline, write_lightning_ckpt)
 
 
@@ -112,6 +114,33 @@ def test_latent_scale_and_metadata_travel_in_the_file(tmp_path):
     ckpt = tmp_path / "scaled.ckpt"
     torch.save({"state_dict": load_file(path)}, ckpt)
     assert dreambooth.load(ckpt).latent_scale == 0.18215
+
+
+@torch.no_grad()
+def test_vae_norm_groups_travel_in_the_file(tmp_path):
+    """GroupNorm's groups do not show in the weights' shapes, so a VAE with other groups than SD's 32 (the toy
+    model's 8) says so in the file's metadata, and loads back with them; a file with a bad count is refused."""
+    sd = dreambooth.load("tiny")
+    sd.vae = random_model(AutoencoderKL, replace(sd.vae.config, norm_groups=8)).eval()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "groups.safetensors"
+    dreambooth.save(sd, path)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["vae_norm_groups"] == "8"
+    loaded = dreambooth.load(path).vae
+    assert loaded.config.norm_groups == 8
+    assert_close(loaded.decode(z), sd.vae.half().float().decode(z))
+    vae_file = tmp_path / "vae.safetensors"  # a VAE alone, as sample.py --vae reads it
+    save_file({k: v for k, v in load_file(path).items() if k.startswith(VAE)}, vae_file,
+              metadata={"vae_norm_groups": "8"})
+    assert dreambooth.load_vae(vae_file).config.norm_groups == 8
+    dreambooth.save(dreambooth.load("tiny"), tmp_path / "sd.safetensors")
+    with safe_open(tmp_path / "sd.safetensors", framework="pt") as f:
+        assert "vae_norm_groups" not in f.metadata()
+    for bad in ("7", "eight", "0"):
+        save_file(load_file(path), tmp_path / "bad.safetensors", metadata={"vae_norm_groups": bad})
+        with pytest.raises(CheckpointError, match=f"bad.safetensors: metadata vae_norm_groups is '{bad}', not"):
+            dreambooth.load(tmp_path / "bad.safetensors")
 
 
 def test_save_writes_compvis_schedule_and_fp16(tiny_file):

@@ -5,6 +5,8 @@ and converted with diffusers' own LDM -> diffusers converter, then loaded strict
 that checks our module tree is the real sd-v1-4 layout without any key table in this test. And the latent scale:
 what training feeds the UNet, generate() decodes back.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,18 @@ def test_generate_decodes_the_latents_training_learns_from(monkeypatch):
 
 def test_full_size_parity(full_pair):
     check_parity(*full_pair)
+
+
+def test_toy_norm_groups_parity():
+    """The toy model's VAE: the tiny width with 8 GroupNorm groups (make_toy.py), against diffusers'
+    norm_num_groups=8; and the groups matter: the same weights in SD's 32 groups give another picture."""
+    ours, ref = build_pair(replace(VAEConfig.tiny(), norm_groups=8))
+    check_parity(ours, ref)
+    in_32 = AutoencoderKL(VAEConfig.tiny()).eval()
+    in_32.load_state_dict(ours.state_dict())
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (in_32.decode(z) - ours.decode(z)).abs().max() > 0.01
 
 
 def test_full_size_layout(full_pair):
