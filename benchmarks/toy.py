@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of all sampling")
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the DreamBooth figures")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the programs")
+    p.add_argument("--device", default="cpu", help="where the programs and the sampling here run (cuda: in fp32, "
+                                                   "as on the CPU)")
     p.add_argument("--skip-no-prior", action="store_true", help="only the run with prior preservation")
     p.add_argument("--class-prompt-only", action="store_true",
                    help='a prior of "a circle" alone (the paper\'s class prior), not make_prior.py\'s toy prompts')
@@ -122,10 +124,10 @@ def dreambooth_run(args, work: Path, prior: bool) -> dict:
     cmd = ["train.py", "--ckpt", args.ckpt, "--instance", args.instance, "--class", "circle", "--token", "sks",
            "--instance-prompt", "a sks circle", "--steps", str(args.steps), "--lr", str(args.lr),
            "--batch-size", str(args.batch_size), "--noise-offset", str(args.noise_offset), "--sample-every", "0",
-           "--save-every", "0", "--out", str(out)]
+           "--save-every", "0", "--device", args.device, "--precision", "fp32", "--out", str(out)]
     seconds = run(cmd + (["--prior", str(work / "class"), "--prior-weight", str(args.prior_weight)] if prior else []),
                   args)
-    sd = dreambooth.load(out / "model.safetensors")
+    sd = dreambooth.load(out / "model.safetensors", device=args.device)
     if args.images:
         if prior:
             save_row(sd, "a sks circle", Path(args.images, "after.png"), args)
@@ -150,7 +152,7 @@ def main(argv=None):
     print(f"measure on drawn pictures: colour {measure['colour']:.1%}, shape {measure['shape']:.1%}, "
           f"subject {measure['subject']:.1%}", flush=True)
 
-    sd = dreambooth.load(ROOT / args.ckpt)
+    sd = dreambooth.load(ROOT / args.ckpt, device=args.device)
     if args.images:
         save_row(sd, "a sks circle", Path(args.images, "before.png"), args)
     base = vocabulary_accuracy(sd, args, per_prompt=8)
@@ -164,7 +166,8 @@ def main(argv=None):
                for flag in ("--prompt", p)]
     prior_seconds = run(["make_prior.py", "--ckpt", args.ckpt, *prompts, "--outdir", str(work / "class"),
                          "--num", str(args.prior_num), "--scale", str(args.scale), "--ddim_steps",
-                         str(args.sample_steps), "--batch-size", "20"], args)
+                         str(args.sample_steps), "--batch-size", "20", "--device", args.device, "--precision", "full"],
+                        args)
     print(f"make_prior.py: {args.prior_num} pictures of {' / '.join(prompts[1::2])} in {prior_seconds:.0f} s",
           flush=True)
     settings = (f"--steps {args.steps} --lr {args.lr} --batch-size {args.batch_size} "

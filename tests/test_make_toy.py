@@ -27,6 +27,7 @@ def test_a_run_writes_a_toy_file_and_the_subject(tmp_path, small):
     assert not torch.equal(sd.unet.input_blocks[0][0].weight, tiny.unet.input_blocks[0][0].weight)
     assert not torch.equal(sd.vae.decoder.conv_out.weight, tiny.vae.decoder.conv_out.weight)
     assert len(list((tmp_path / "subj").glob("*.png"))) == 5
+    assert sd.vae.config.norm_groups == make_toy.VAE_GROUPS == 8  # read back from the file's metadata
 
 
 def test_vae_from_keeps_the_earlier_files_vae_and_trains_a_new_unet(tmp_path, small):
@@ -36,6 +37,7 @@ def test_vae_from_keeps_the_earlier_files_vae_and_trains_a_new_unet(tmp_path, sm
                    "--subject-dir", str(tmp_path / "subj")])
     a, b = dreambooth.load(first), dreambooth.load(second)
     assert b.latent_scale == a.latent_scale
+    assert a.vae.config.norm_groups == b.vae.config.norm_groups == 8
     for (name, x), y in zip(a.vae.state_dict().items(), b.vae.state_dict().values()):
         assert torch.equal(x, y), name
     assert not torch.equal(b.unet.out[2].weight, dreambooth.load("tiny").unet.out[2].weight)  # trained
@@ -51,7 +53,10 @@ def test_vae_from_refuses_a_file_make_toy_did_not_write(tmp_path):
     del tensors["first_stage_model.decoder.conv_out.bias"]
     with safe_open(dreambooth.checkpoint.TOY_FILE, "pt") as f:
         save_file(tensors, tmp_path / "cut.safetensors", metadata=f.metadata())
+        save_file(load_file(dreambooth.checkpoint.TOY_FILE), tmp_path / "groups.safetensors",
+                  metadata={**f.metadata(), "vae_norm_groups": "5"})
     for path, why in ((tmp_path / "tiny.safetensors", "not a file make_toy.py wrote"),
+                      (tmp_path / "groups.safetensors", "its metadata's vae_norm_groups '5' does not divide"),
                       (tmp_path / "missing.safetensors", "cannot read it"),
                       (tmp_path / "cut.safetensors", "its VAE is not the toy's (Missing key(s)")):
         with pytest.raises(SystemExit, match="^" + re.escape(f"make_toy.py: --vae-from {path}: {why}")):

@@ -60,9 +60,10 @@ def test_the_measure_reads_drawn_pictures():
 @torch.no_grad()
 def test_the_toy_vae_gives_back_the_colours_it_encodes():
     """Through the toy model's VAE (encode, decode) drawn pictures keep their colour, also when their latents are
-    moved by noise as far as the UNet's samples may miss them, and the subject stays the subject. The VAE of
-    make_toy.py --seed 1 fails it (red and blue shapes come back purple, pink or grey), and the UNet trained on it
-    drew the prompted colour in 46.9 % of samples (README, "Why some VAEs fail")."""
+    moved by noise as far as the UNet's samples may miss them, and the subject stays the subject. The VAE that
+    make_toy.py --seed 1 made with SD's 32 GroupNorm groups (before VAE_GROUPS) fails it (red and blue shapes come
+    back purple, pink or grey), and the UNet trained on it drew the prompted colour in 46.9 % of samples (README,
+    "Why some VAEs fail")."""
     sd = dreambooth.load("toy")
     rng = np.random.default_rng(11)
     colours = [c for c in toyworld.COLOURS for _ in range(12)]
