@@ -195,7 +195,7 @@ def toy_vae(tiny_vae):
     one channel: every norm takes away each channel's mean over the picture, which is where a flat shape's colour
     is. Of nine VAEs trained so from scratch (three seeds on the CPU, six on a GPU), none gave back more than 81 %
     of drawn pictures in their colour, and the UNets on them drew the prompted colour in 24 % to 84 % of samples.
-    With 8 groups of 4 channels (as SD's 128 channels are in 32), six of seven gave back 94.8 % to 100 % (README,
+    With 8 groups of 4 channels (as SD's 128 channels are in 32), seven of eight gave back 94.8 % to 100 % (README,
     "Why some VAEs fail")."""
     with torch.device("meta"):
         vae = AutoencoderKL(replace(tiny_vae.config, norm_groups=VAE_GROUPS))
