@@ -53,6 +53,7 @@ from safetensors import SafetensorError, safe_open
 import cli
 import dreambooth
 from dreambooth import toyworld
+from dreambooth.checkpoint import CheckpointError, vae_groups
 from dreambooth.ddim import add_noise
 from dreambooth.vae import AutoencoderKL, VAEConfig
 
@@ -216,12 +217,10 @@ def earlier_vae(path: str):
     if made.get("made_by") != "make_toy.py" or "latent_scale" not in made:
         raise SystemExit(f"make_toy.py: --vae-from {path}: not a file make_toy.py wrote (its metadata has no made_by "
                          "make_toy.py and latent_scale)")
-    groups = made.get("vae_norm_groups", "32")  # files made before VAE_GROUPS have SD's 32
-    try:
-        vae = AutoencoderKL(replace(VAEConfig.tiny(), norm_groups=int(groups)))
-    except (ValueError, ZeroDivisionError):
-        raise SystemExit(f"make_toy.py: --vae-from {path}: its metadata's vae_norm_groups {groups!r} does not divide "
-                         "the toy VAE's channels into groups")
+    try:  # files made before VAE_GROUPS name no groups: SD's 32
+        vae = AutoencoderKL(replace(VAEConfig.tiny(), **vae_groups(Path(path), weights)))
+    except CheckpointError as e:
+        raise SystemExit(f"make_toy.py: --vae-from {e}")
     try:
         vae.load_state_dict(weights)
     except RuntimeError as e:

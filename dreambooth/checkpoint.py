@@ -86,7 +86,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     unet = _assign(path, unet, unet_weights, _ema_key if ema else lambda k: UNET + k, device, dtype)
 
     vae = _build(AutoencoderKL, VAEConfig, parts[VAE], "encoder.conv_in.weight", 0, "ch",
-                 **_vae_groups(path, parts[VAE]))
+                 **vae_groups(path, parts[VAE]))
     vae = _assign(path, vae, parts[VAE], lambda k: VAE + k, device, dtype)
     text_encoder = _build(CLIPTextModel, CLIPConfig, parts[CLIP], "embeddings.token_embedding.weight", 1, "width")
     text_encoder = _assign(path, text_encoder, parts[CLIP], lambda k: CLIP + k, device, dtype)
@@ -117,7 +117,7 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
                if not k.startswith("loss.") and k not in VAE_IGNORED}
     if "encoder.conv_in.weight" not in weights:
         raise CheckpointError(f"{path} is not a VAE: it has no {prefix}encoder.conv_in.weight")
-    vae = _build(AutoencoderKL, VAEConfig, weights, "encoder.conv_in.weight", 0, "ch", **_vae_groups(path, weights))
+    vae = _build(AutoencoderKL, VAEConfig, weights, "encoder.conv_in.weight", 0, "ch", **vae_groups(path, weights))
     return _assign(path, vae, weights, lambda k: prefix + k, device, dtype)
 
 
@@ -208,8 +208,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _vae_groups(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, int]:
-    """{"norm_groups": n} where the file's metadata names the VAE's GroupNorm groups (save writes it), else {}."""
+def vae_groups(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{"norm_groups": n} where the file's metadata names the VAE's GroupNorm groups (save writes it), else {}.
+    `weights` are the VAE's, without their first_stage_model. prefix (the count must divide their width)."""
     value = _metadata(path).get("vae_norm_groups")
     if value is None:
         return {}

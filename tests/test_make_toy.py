@@ -56,7 +56,7 @@ def test_vae_from_refuses_a_file_make_toy_did_not_write(tmp_path):
         save_file(load_file(dreambooth.checkpoint.TOY_FILE), tmp_path / "groups.safetensors",
                   metadata={**f.metadata(), "vae_norm_groups": "5"})
     for path, why in ((tmp_path / "tiny.safetensors", "not a file make_toy.py wrote"),
-                      (tmp_path / "groups.safetensors", "its metadata's vae_norm_groups '5' does not divide"),
+                      (tmp_path / "groups.safetensors", "metadata vae_norm_groups is '5', not a number of groups"),
                       (tmp_path / "missing.safetensors", "cannot read it"),
                       (tmp_path / "cut.safetensors", "its VAE is not the toy's (Missing key(s)")):
         with pytest.raises(SystemExit, match="^" + re.escape(f"make_toy.py: --vae-from {path}: {why}")):
