@@ -30,7 +30,8 @@ earlier toy file's, and only the UNet is trained. The VAE's training is the run'
 fail"): this keeps a VAE known to be good while the UNet changes.
 
 Runs are deterministic for a given --seed and --threads: on one machine, 1-thread runs repeat bit for bit, and
-so did two 2-thread --vae-from runs.
+so did two 2-thread --vae-from runs. Another CPU is another draw: on an AMD EPYC the 2026-11-26 VAE, retrained
+from the same start, came out another VAE (README, "Another machine, another draw").
 Torch's generator is reseeded at the start of each training phase (seed, seed + 2, seed + 4, as the numpy streams
 are numbered), so a phase's noise and timesteps do not depend on how many numbers the phases before it drew.
 Unlike the other programs, make_toy.py leaves OpenMP's threads to spin while they wait (OMP_WAIT_POLICY unset):
