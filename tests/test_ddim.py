@@ -150,5 +150,7 @@ def test_generate_matches_diffusers_pipeline(tiny_and_pipeline, eta):
                   generator=generators, latents=latents, output_type="np").images  # (B, H, W, 3) in [0, 1]
     assert 0.05 < theirs.std() and ((theirs > 0.01) & (theirs < 0.99)).mean() > 0.5  # not saturated
     for image, reference in zip(ours, theirs):
-        # ours are 8-bit: equal to the reference up to rounding, i.e. within half a level (plus float noise)
-        assert np.abs(np.asarray(image) / 255 - reference).max() < 0.5 / 255 + 1e-4
+        # ours are 8-bit: half a level of rounding, plus the float noise of two implementations through 10 steps at
+        # guidance 7.5, which reached 0.14 of a level with eta 1 on an AMD EPYC (2 threads). So: within one level.
+        # A wrong step is far off: sampling with eta 0.9 against the reference's 1.0 was 11 and 17 levels off.
+        assert np.abs(np.asarray(image) / 255 - reference).max() < 1 / 255
