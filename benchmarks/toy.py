@@ -6,7 +6,7 @@ subject, and does the prior keep the class from drifting?
     python benchmarks/toy.py --images docs/toy  # and the README's pictures
     python benchmarks/toy.py --steps 300 --lr 2e-5 --skip-no-prior
 
-The subject is the orange ring of examples/toy (dreambooth/toyworld.py: SUBJECT), its class "circle". The script
+The subject is the pink ring of examples/toy (dreambooth/toyworld.py: SUBJECT), its class "circle". The script
 runs the repo's real programs as a user would (make_prior.py, then train.py twice: with and without --prior) and
 judges every picture with toyworld's classical measure (dominant_colour, shape_of), which is itself checked first
 on freshly drawn pictures. Figures printed:
@@ -135,8 +135,8 @@ def dreambooth_run(args, work: Path, prior: bool) -> dict:
     subject = sum(map(toyworld.is_subject, sample(sd, "a sks circle", args.n, args)))
     class_images = sample(sd, "a circle", args.n, args)
     drift = sum(map(toyworld.is_subject, class_images))
-    orange = sum(toyworld.dominant_colour(im) == "orange" for im in class_images)
-    return {"seconds": seconds, "subject": subject, "class_drift": drift, "class_orange": orange,
+    in_colour = sum(toyworld.dominant_colour(im) == toyworld.SUBJECT["colour_name"] for im in class_images)
+    return {"seconds": seconds, "subject": subject, "class_drift": drift, "class_in_colour": in_colour,
             **vocabulary_accuracy(sd, args, per_prompt=4)}
 
 
@@ -176,8 +176,9 @@ def main(argv=None):
         r = dreambooth_run(args, work, prior)
         print(f"train.py {settings} {'with' if prior else 'without'} --prior: {r['seconds']:.0f} s (target 180 s); "
               f"'a sks circle' shows the subject {r['subject']}/{args.n} (target >= 12); 'a circle' shows it "
-              f"{r['class_drift']}/{args.n} (orange {r['class_orange']}/{args.n}; target <= 2 with the prior); "
-              f"vocabulary colour {r['colour']:.1%} (target 90 %), shape {r['shape']:.1%}", flush=True)
+              f"{r['class_drift']}/{args.n} ({toyworld.SUBJECT['colour_name']} {r['class_in_colour']}/{args.n}; "
+              f"target <= 2 with the prior); vocabulary colour {r['colour']:.1%} (target 90 %), "
+              f"shape {r['shape']:.1%}", flush=True)
 
 
 if __name__ == "__main__":

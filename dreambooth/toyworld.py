@@ -4,7 +4,7 @@ make_toy.py trains a tiny SD-v1-architecture model from scratch on these picture
 and checked on a CPU in minutes; benchmarks/toy.py measures what the model draws with `dominant_colour` and
 `shape_of`. The captions name only the vocabulary (SHAPES x COLOURS: "a red circle", "a circle", ""); the VAE also
 sees shapes and colours the captions never name (rings, crosses, stripes, orange, purple, ...), so that a new
-subject such as SUBJECT, an orange ring, can be drawn after DreamBooth teaches the UNet a word for it.
+subject such as SUBJECT, a pink ring, can be drawn after DreamBooth teaches the UNet a word for it.
 
 Images are 64 x 64 RGB. Shapes are drawn at 4x the size and box-filtered down, which gives them soft
 (anti-aliased) edges like the VAE's own reconstructions. All randomness comes from a numpy Generator passed in.
@@ -23,8 +23,10 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 # Shapes the captions never name; the VAE learns to draw them too.
 EXTRA_SHAPES = ("ring", "cross", "bar")
 
-# The DreamBooth subject: new in colour and in look, of the class "circle" (a ring is a circle with a hole).
-SUBJECT = {"shape": "ring", "colour": (245, 130, 20), "colour_name": "orange", "class": "circle"}
+# The DreamBooth subject: new in colour and in look, of the class "circle" (a ring is a circle with a hole). Pink
+# (hue 317) lies 90 degrees from blue and 43 from red, 27 inside HUES' pink bin; the orange ring it replaced (hue 29)
+# lay 29 and 22 degrees from red and yellow, 11 inside its bin, and VAEs gave it back red or yellow (README).
+SUBJECT = {"shape": "ring", "colour": (230, 50, 180), "colour_name": "pink", "class": "circle"}
 
 # Hue bins (degrees) of the names dominant_colour can return, checked in order; red wraps around 0.
 HUES = (("red", 0, 15), ("orange", 15, 40), ("yellow", 40, 75), ("green", 75, 165), ("blue", 165, 255),
@@ -189,5 +191,5 @@ def shape_of(image: Image.Image) -> str:
 
 
 def is_subject(image: Image.Image) -> bool:
-    """Whether a picture shows SUBJECT: an orange ring."""
+    """Whether a picture shows SUBJECT: a pink ring."""
     return dominant_colour(image) == SUBJECT["colour_name"] and shape_of(image) == SUBJECT["shape"]
