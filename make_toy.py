@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--unet-steps", type=int, default=3200, help="UNet optimizer steps")
     p.add_argument("--decoder-steps", type=int, default=600, help="optimizer steps of the decoder's fine-tuning")
     p.add_argument("--vae-from", metavar="FILE", help="take the VAE and its latent scale from an earlier toy file "
-                   "instead of training them (phases 2 and 4): only the UNet is trained, in half the time")
+                   "instead of training them (phases 2 and 4): only the UNet is trained, in under half the time")
     p.add_argument("--seed", type=int, default=4, help="seed of the pictures, noise and timesteps (4 made the "
                    "shipped file)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
