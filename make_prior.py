@@ -28,7 +28,8 @@ from dreambooth.files import write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, save_png  # noqa: E402
 
-ETA = 0.0  # deterministic DDIM, as in the regularisation sets of the original DreamBooth runs
+ETA = 0.0     # deterministic DDIM, as in the regularisation sets of the original DreamBooth runs
+SCALE = 10.0  # their guidance scale (toy models: cli.TOY_SAMPLING)
 
 
 def parse_args(argv=None):
@@ -47,7 +48,7 @@ def parse_args(argv=None):
                    help="images made at once (8 fits a 16 GB GPU at 512 px)")
     p.add_argument("--outdir", help="default prior/<class>")
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
-    cli.add_sampling_flags(p, scale=10.0)
+    cli.add_sampling_flags(p, scale=SCALE)
     args = p.parse_args(argv)
 
     if not args.class_name and not args.prompts:
@@ -122,6 +123,7 @@ def write_batches(sd, args, todo, names, done, settings, remaining, height, widt
 def main(argv=None):
     args = parse_args(argv)
     sd = cli.load_model(args, "make_prior.py")
+    cli.sampling_defaults(args, sd, scale=SCALE)
     height, width = args.H or sd.resolution, args.W or sd.resolution
     cli.note_long_prompts(sd.tokenizer, args.prompts)
 

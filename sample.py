@@ -19,6 +19,8 @@ import cli  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import a1111_parameters, image_grid, next_index, save_png  # noqa: E402
 
+SCALE = 7.5  # the guidance scale of SD's txt2img (toy models: cli.TOY_SAMPLING)
+
 
 def parse_args(argv=None):
     p = cli.parser("sample.py", "Text to image with a Stable Diffusion v1 checkpoint (DDIM sampler).", [
@@ -32,7 +34,7 @@ def parse_args(argv=None):
                       help="a text file with one prompt a line, instead of --prompt")
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
                    help='what to steer away from (the "unconditional" prompt of guidance)')
-    cli.add_sampling_flags(p, scale=7.5)
+    cli.add_sampling_flags(p, scale=SCALE)
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (the -full-ema files)")
     p.add_argument("--outdir", default="outputs/samples", help="where the PNGs go")
     p.add_argument("--ddim_eta", "--ddim-eta", dest="ddim_eta", type=cli.number(float), default=0.0,
@@ -61,6 +63,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     sd = cli.load_model(args, "sample.py")
+    cli.sampling_defaults(args, sd, scale=SCALE)
     height, width = args.H or sd.resolution, args.W or sd.resolution
     model, vae = cli.model_name(args.ckpt), args.vae and Path(args.vae).name
 

@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("program, usage, defaults", [
     ("train.py", "train.py --instance DIR --class NAME", ["--steps STEPS", "(default: 800)", "default 1e-6, with --lora 1e-4",
                                                            "(default: sks)", "(default: 42)", "(default: 200)"]),
-    ("sample.py", "(--prompt PROMPT | --from-file FILE)", ["(default: 50)", "(default: 7.5)", "(default: 42)",
+    ("sample.py", "(--prompt PROMPT | --from-file FILE)", ["default 50 (toy models: 25)",
+                                                           "default 7.5 (toy models: 3.0)", "(default: 42)",
                                                            "(default: 0.0)", "(default: outputs/samples)"]),
-    ("make_prior.py", "make_prior.py --class NAME", ["(default: 200)", "(default: 10.0)", "(default: 4)"]),
+    ("make_prior.py", "make_prior.py --class NAME", ["(default: 200)", "default 10.0 (toy models: 3.0)",
+                                                     "(default: 4)"]),
 ])
 def test_help_shows_defaults_and_ends_with_examples(program, usage, defaults):
     result = subprocess.run([sys.executable, program, "--help"], cwd=ROOT, capture_output=True, text=True)

@@ -61,6 +61,21 @@ def test_one_image_and_a_runs_model(tmp_path):
     assert parameters(tmp_path / "out" / "00000.png").endswith("Model: dog-run")
 
 
+def test_a_toy_model_is_sampled_with_the_toy_settings(tmp_path):
+    """A file fine-tuned from the toy model (as the README's first command makes one) is sampled, where --scale and
+    --ddim_steps are not given, with the settings the toy world is measured with (guidance 3, 25 steps): at SD's
+    7.5, that model drew its pink ring purple. A model with SD's latent scale, here tiny, keeps SD's settings (the
+    first test: 7.5)."""
+    import dreambooth
+
+    (tmp_path / "toy-run").mkdir()
+    dreambooth.save(dreambooth.load("toy"), tmp_path / "toy-run" / "model.safetensors")  # keeps its latent scale
+    sample.main(["--ckpt", str(tmp_path / "toy-run" / "model.safetensors"), "--prompt", "a sks circle",
+                 "--outdir", str(tmp_path / "out")])
+    assert parameters(tmp_path / "out" / "00000.png") == (
+        "a sks circle\nSteps: 25, Sampler: DDIM, CFG scale: 3.0, Seed: 42, Size: 64x64, Model: toy-run")
+
+
 def test_rerun_gives_identical_pngs_under_new_numbers(first_run, tmp_path):
     outdir = shutil.copytree(first_run, tmp_path / "samples")
     before = {p.name: p.read_bytes() for p in outdir.iterdir()}
