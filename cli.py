@@ -75,7 +75,7 @@ def add_sampling_flags(p, scale):
                    help="a LoRA file (kohya's format, e.g. a run's lora.safetensors) merged into the model at SCALE "
                         "(default 1.0) before sampling; repeatable")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=DDIM_STEPS,
-                   help=f"DDIM steps; default 50 (toy models: {TOY_SAMPLING['ddim_steps']})")
+                   help=f"DDIM steps; default {SD_DDIM_STEPS} (toy models: {TOY_SAMPLING['ddim_steps']})")
     p.add_argument("--scale", type=float, help=f"classifier-free guidance scale; default {scale} (toy models: "
                                                f"{TOY_SAMPLING['scale']})")
     p.add_argument("--H", type=IMAGE_SIZE, help="image height, a multiple of 8; default the model's (512; toy: 64)")
@@ -130,17 +130,19 @@ def default_checkpoint(program):
     return "toy"
 
 
-# With --ckpt toy (the default without SD weights), the settings that work for the toy model, as the usual ones do
-# for SD v1 (README, "The toy world"; benchmarks/toy.py measures them). Its captions were "a red circle", never
-# "photo of ...", and its class images are made as all its samples are (TOY_SAMPLING: guidance 3, 25 DDIM steps).
-TOY_DEFAULTS = {
-    "train.py": {"lr": 3e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": 25},
-    "make_prior.py": {"num": 200},
-}
 # How toy models (the toy and the files fine-tuned from it) are sampled where --scale and --ddim_steps are not given:
 # the settings benchmarks/toy.py measures with. At SD's guidance 7.5 the model of the README's first command drew
-# its pink ring purple in 8 of 8 samples; at 3, pink in 8 of 8.
+# its pink ring purple in 8 of 8 samples; at 3, pink in 8 of 8. SD's: the program's scale and SD_DDIM_STEPS.
 TOY_SAMPLING = {"scale": 3.0, "ddim_steps": 25}
+SD_DDIM_STEPS = 50
+
+# With --ckpt toy (the default without SD weights), the settings that work for the toy model, as the usual ones do
+# for SD v1 (README, "The toy world"; benchmarks/toy.py measures them). Its captions were "a red circle", never
+# "photo of ...", and its class images are made as all its samples are (TOY_SAMPLING).
+TOY_DEFAULTS = {
+    "train.py": {"lr": 3e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": TOY_SAMPLING["ddim_steps"]},
+    "make_prior.py": {"num": 200},
+}
 
 
 def is_toy(sd) -> bool:
@@ -149,11 +151,16 @@ def is_toy(sd) -> bool:
     return sd.resolution == 64 and sd.latent_scale != dreambooth.vae.LATENT_SCALE
 
 
+def default_scale(sd, scale: float) -> float:
+    """The guidance scale where none is given: TOY_SAMPLING's for a toy model, else the program's for SD."""
+    return TOY_SAMPLING["scale"] if is_toy(sd) else scale
+
+
 def sampling_defaults(args, sd, scale: float) -> None:
-    """Fill in --scale and --ddim_steps where not given: TOY_SAMPLING for a toy model, else SD's (scale, 50)."""
-    default = TOY_SAMPLING if is_toy(sd) else {"scale": scale, "ddim_steps": 50}
-    args.scale = default["scale"] if args.scale is None else args.scale
-    args.ddim_steps = default["ddim_steps"] if args.ddim_steps is None else args.ddim_steps
+    """Fill in --scale and --ddim_steps where not given: TOY_SAMPLING for a toy model, else SD's."""
+    args.scale = default_scale(sd, scale) if args.scale is None else args.scale
+    if args.ddim_steps is None:
+        args.ddim_steps = TOY_SAMPLING["ddim_steps"] if is_toy(sd) else SD_DDIM_STEPS
 
 
 def with_toy_defaults(p, args, argv, program):

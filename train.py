@@ -152,8 +152,7 @@ def preview(sd, prompts, seeds, args, path):
     sd.unet.eval()
     with autocast(args):
         images = generate(sd, prompts, seeds, steps=args.sample_steps, height=args.resolution,
-                          width=args.resolution, scale=cli.TOY_SAMPLING["scale"] if cli.is_toy(sd) else 7.5,
-                          progress=False)
+                          width=args.resolution, scale=cli.default_scale(sd, 7.5), progress=False)  # SD's 7.5
     sd.unet.train()
     if not (args.no_cache and not args.vae):  # --no-cache encodes with the model's own VAE at every step
         sd.vae.to("cpu")

@@ -56,8 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--noise-offset", type=float, default=toy.noise_offset, help="train.py --noise-offset")
     p.add_argument("--prior-num", type=int, default=cli.TOY_DEFAULTS["make_prior.py"]["num"],
                    help="class pictures made by make_prior.py")
-    p.add_argument("--scale", type=float, default=3.0, help="guidance scale of all sampling (prior included)")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of all sampling")
+    p.add_argument("--scale", type=float, default=cli.TOY_SAMPLING["scale"],
+                   help="guidance scale of all sampling (prior included)")
+    p.add_argument("--sample-steps", type=int, default=cli.TOY_SAMPLING["ddim_steps"],
+                   help="DDIM steps of all sampling")
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the DreamBooth figures")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the programs")
     p.add_argument("--device", default="cpu", help="where the programs and the sampling here run (cuda: in fp32, "
