@@ -19,6 +19,7 @@ x_t noises the VAE latent of a subject photo and x'_t' that of a prior image (DD
 saving; setup; then main() and the loop. The settings (flags, their defaults, --resume's) are in
 train_settings.py; the optimizer and the CUDA graph in dreambooth/speed.py.
 """
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,26 +46,47 @@ from train_settings import manifest_prompts, parse_args, resolve_defaults  # noq
 # One training step: the loss, what a step draws, and the step itself.
 
 
-def dreambooth_loss(unet, latents, context, noise, t, alphas_cumprod, n_instance, prior_weight):
-    """DreamBooth eq. 2 on one batch: the first n_instance rows are subject images, the rest prior images.
+def dreambooth_loss(unet, x_t, t, context, target, n_instance, prior_weight):
+    """DreamBooth eq. 2 on one noised batch x_t: the first n_instance rows are subject images, the rest prior images.
 
-    Each latent x0 is noised to its timestep t (DDPM eq. 4), the UNet predicts the noise, and the loss is the
-    mean squared error of that prediction, per half: MSE(instance) + prior_weight * MSE(prior).
+    The UNet predicts the noise in each row, and the loss is the mean squared error against the target, per half:
+    MSE(instance) + prior_weight * MSE(prior). The target is the noise that made x_t (DDPM eq. 4, the paper's loss);
+    with --prior-loss base the prior rows' target is the base model's prediction instead (base_prior_targets).
     Returns (loss, loss_instance, loss_prior); loss_prior is 0 without prior images.
     """
-    x_t = add_noise(latents, noise, t, alphas_cumprod)
     eps = unet(x_t, t, context).float()
-    loss_instance = F.mse_loss(eps[:n_instance], noise[:n_instance])
-    loss_prior = F.mse_loss(eps[n_instance:], noise[n_instance:]) if len(eps) > n_instance else eps.new_zeros(())
+    loss_instance = F.mse_loss(eps[:n_instance], target[:n_instance])
+    loss_prior = F.mse_loss(eps[n_instance:], target[n_instance:]) if len(eps) > n_instance else eps.new_zeros(())
     return loss_instance + prior_weight * loss_prior, loss_instance, loss_prior
+
+
+@torch.no_grad()
+def base_prior_targets(base_unet, base_contexts, x_t, t, rows, noise, n_instance, uncond_row):
+    """--prior-loss base: keep the class as the base model draws it, guidance included.
+
+    Classifier-free guidance extrapolates from the unconditional prediction (the empty prompt) toward the prompt's,
+    so a class keeps its pictures only if both predictions stay. The paper's prior loss trains the class prompt alone,
+    toward the noise of a few hundred sampled images; the empty prompt, whose context lies as near "a sks dog" as
+    "a dog" does, is left free to follow the subject. Here each prior row comes twice, with its prompt and with the
+    empty one, and the target of both is what the frozen base UNet predicts for them: the prior keeps the base
+    model's function itself, not a sample of it (as "Learning without Forgetting", Li & Hoiem 2016, keeps a network's
+    old outputs). The subject's rows keep the noise as their target.
+    Returns (x_t, t, rows, target) of the longer batch: n_instance + 2 x the prior rows."""
+    prior = slice(n_instance, None)
+    x_t, t = torch.cat([x_t, x_t[prior]]), torch.cat([t, t[prior]])
+    rows = torch.cat([rows, torch.full_like(rows[prior], uncond_row)])
+    base_eps = base_unet(x_t[prior], t[prior], base_contexts[rows[prior]]).float()
+    return x_t, t, rows, torch.cat([noise[:n_instance], base_eps])
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
 
 
 def autocast(args):
     """The --precision of the networks: bf16/fp16 autocast keeps the fp32 weights and casts them where it pays.
     Without its cache of those casts: a CUDA graph cannot keep it, and each weight is used once per forward anyway."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=args.precision != "fp32",
-                          cache_enabled=False)
+    return torch.autocast(torch.device(args.device).type, dtype=PRECISIONS[args.precision],
+                          enabled=args.precision != "fp32", cache_enabled=False)
 
 
 @dataclass
@@ -77,13 +99,14 @@ class TrainStep:
     draws stay outside the graph, so a replayed run trains on exactly what an eager run draws."""
     unet: torch.nn.Module
     text_encoder: torch.nn.Module | None  # trained with the UNet; None: frozen, and `contexts` holds its output
-    ids: torch.Tensor                     # [1 + P, 77] token ids: the instance prompt, the P prompts of the prior
-    contexts: torch.Tensor | None         # [1 + P, 77, C] their contexts from the frozen text encoder
+    ids: torch.Tensor                     # [K, 77] token ids: the instance prompt, the prior's prompts (, "")
+    contexts: torch.Tensor | None         # [K, 77, C] their contexts from the text encoder before training
     photos: Photos
     alphas_cumprod: torch.Tensor
     prior_weight: float                   # lambda of eq. 2
     optimizer: speed.AdamW
     autocast: torch.autocast
+    base_unet: object = None              # --prior-loss base: the frozen base UNet (base_prior_targets)
     cuda_graph: bool = False
 
     def __post_init__(self):
@@ -91,10 +114,14 @@ class TrainStep:
 
     def learn(self, latents, t, noise, rows):
         """Eq. 2 on the drawn batch (rows: each photo's prompt), backward, and the weight update."""
+        n_instance = self.photos.batch_size
         with self.autocast:
-            context = self.text_encoder(self.ids) if self.text_encoder else self.contexts
-            losses = dreambooth_loss(self.unet, latents, context[rows], noise, t, self.alphas_cumprod,
-                                     self.photos.batch_size, self.prior_weight)
+            contexts = self.text_encoder(self.ids) if self.text_encoder else self.contexts
+            x_t, target = add_noise(latents, noise, t, self.alphas_cumprod), noise  # DDPM eq. 4
+            if self.base_unet is not None and len(latents) > n_instance:
+                x_t, t, rows, target = base_prior_targets(self.base_unet, self.contexts, x_t, t, rows, noise,
+                                                          n_instance, uncond_row=len(self.ids) - 1)
+            losses = dreambooth_loss(self.unet, x_t, t, contexts[rows], target, n_instance, self.prior_weight)
         self.optimizer.backward(losses[0])
         return torch.stack(losses).detach()
 
@@ -193,6 +220,14 @@ def load_model_and_photos(args, device):
     return sd, images, len(instance_paths), [listed.get(path.name, args.prior_prompt) for path in prior_paths]
 
 
+def frozen_base(unet, lora, dtype):
+    """The base UNet for --prior-loss base, frozen: with --lora the UNet itself with its adapters off (its weights are
+    the base's), else a copy taken before training, held in the autocast dtype (the dtype its forward runs in)."""
+    if lora is not None:
+        return lora.off(unet)
+    return copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
+
+
 def make_step(sd, images, n_instance, prior_prompts, args, device):
     """Everything a step needs, made once: the VAE posteriors of the photos and the CLIP contexts of the prompts
     (then the VAE and a frozen text encoder leave the GPU), the UNet's memory layout and gradient checkpointing,
@@ -207,9 +242,10 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     sd.vae.requires_grad_(False).eval()
     sd.unet.requires_grad_(not args.lora).train()
     sd.text_encoder.requires_grad_(args.train_text_encoder and not args.lora).train(args.train_text_encoder)
+    base_prior = args.prior_loss == "base" and bool(prior_prompts)
     prompts = [args.instance_prompt, *dict.fromkeys(prior_prompts)]  # each prompt once: the rows of ids, contexts
     cli.note_long_prompts(sd.tokenizer, prompts)
-    ids = sd.tokenizer(prompts).to(device)
+    ids = sd.tokenizer(prompts + [""] * base_prior).to(device)  # --prior-loss base: the empty prompt last
     prior_rows = torch.tensor([prompts.index(p) for p in prior_prompts], dtype=torch.long, device=device)
     posteriors = contexts = None
     if args.no_cache:
@@ -217,9 +253,10 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     else:
         posteriors, images = encode_posteriors(sd.vae, images, device), None
         sd.vae.to("cpu")
-    if not args.train_text_encoder:
+    if not args.train_text_encoder or base_prior:  # the contexts before training: the base model's
         with torch.no_grad():
             contexts = sd.text_encoder(ids)
+    if not args.train_text_encoder:
         sd.text_encoder.to("cpu")
 
     # channels_last (NHWC) is the layout cuDNN's convolutions work in; in the default NCHW layout, a fifth of the
@@ -227,7 +264,9 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     sd.unet.to(memory_format=memory_format)
     params = [p for m in trained.values() for p in m.parameters()]
-    images_per_step = args.batch_size * (2 if prior_prompts else 1)
+    images_per_step = args.batch_size * (1 + bool(prior_prompts) + base_prior)
+    # made before the free GPU memory is measured, so the estimate below counts it
+    base_unet = frozen_base(sd.unet, trained.get("lora"), PRECISIONS[args.precision]) if base_prior else None
     # Stepping inside backward saves a whole gradient buffer, which LoRA's small adapters do not need: one AdamW for
     # all of them launches less than one per adapter (toy model, CPU: 9.4 steps/s against 6.6).
     after_backward = args.lora or args.no_step_in_backward or args.clip_grad or args.precision == "fp16"
@@ -242,7 +281,7 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, prior_rows, args.batch_size,
                     sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
     step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
-                     sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), cuda_graph=not eager)
+                     sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), base_unet, cuda_graph=not eager)
     print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
           f"optimizer stepped {'after' if isinstance(optimizer, speed.AdamWAfterBackward) else 'inside'} backward")
     return step, optimizer, trained

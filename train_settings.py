@@ -44,6 +44,11 @@ def parser():
     p.add_argument("--clip-grad", type=cli.number(float), default=0.0, help="clip the gradient norm to this; 0 = off")
     p.add_argument("--prior-weight", type=cli.number(float), default=1.0,
                    help="lambda of eq. 2: weight of the prior loss")
+    p.add_argument("--prior-loss", choices=["noise", "base"], default="noise",
+                   help="the prior images' target: noise, the paper's eq. 2 (the noise that was added); base, what "
+                        "the frozen base model predicts, for each prior image with its prompt and with the empty "
+                        "prompt, which keeps the class as guidance draws it (README, \"Keeping the class\"; a frozen "
+                        "copy of the UNet, none with --lora, and half as many images again per step)")
     p.add_argument("--noise-offset", type=cli.number(float), default=0.0,
                    help="offset noise: add a random constant of this std to each latent channel's noise (kohya's "
                         "--noise_offset; 0.1 is usual). Keep a model trained with it (the toy) on it; 0 = off")

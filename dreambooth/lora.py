@@ -106,10 +106,21 @@ class LoRA(nn.ModuleDict):
 
     def attach(self):
         """From now on each adapted layer computes W0 x + (alpha / r) * up(down(x))."""
+        self.enabled = True
         for name, layer in self.layers.items():
             layer.register_forward_hook(lambda layer, inputs, output, adapter=self[name]:
-                                        output + adapter(inputs[0]).to(output.dtype))
+                                        output + adapter(inputs[0]).to(output.dtype) if self.enabled else output)
         return self
+
+    def off(self, module):
+        """module as a function that runs it with the adapters off: the base model's own layers, W0 x alone."""
+        def base(*inputs):
+            self.enabled = False
+            try:
+                return module(*inputs)
+            finally:
+                self.enabled = True
+        return base
 
     @contextlib.contextmanager
     def merged(self):

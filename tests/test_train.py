@@ -19,6 +19,7 @@ import dreambooth
 import train
 import train_settings
 from dreambooth import speed
+from dreambooth.ddim import add_noise
 from dreambooth.images import load_image
 from dreambooth.vae import LATENT_SCALE
 from tests.conftest import run
@@ -122,6 +123,58 @@ def test_each_prior_image_trains_with_its_own_prompt(photos, tmp_path):
     assert_same_unet(sd.unet, unet)
 
 
+def test_prior_loss_base_trains_toward_the_frozen_base_model(photos):
+    """--prior-loss base: each prior row comes twice, with its prompt and with the empty prompt, and the target of
+    both is the base model's prediction. At the first step the UNet is the base, so the prior loss is 0 while the
+    subject's half is eq. 2 as the paper's step computes it; the base stays as it was while the UNet moves, so at the
+    next step the prior loss is not 0."""
+    sd, step = make_step(photos, "--batch-size", "2", "--lr", "1e-3", "--prior-loss", "base")
+    losses = step(torch.Generator().manual_seed(7))
+    paper, _ = eq2_by_hand(photos, 7, 2, 1.0, 1e-3, "a dog, from make_prior")
+    assert losses[1].item() == pytest.approx(paper[1], rel=1e-5)
+    assert losses[2].item() < 1e-10
+    start = dreambooth.load("tiny").unet.state_dict()
+    assert all(torch.equal(w, start[k]) for k, w in step.base_unet.state_dict().items())
+    assert not torch.equal(sd.unet.state_dict()["out.2.weight"], start["out.2.weight"])
+    assert step(torch.Generator().manual_seed(8))[2].item() > 1e-6
+
+
+def test_base_prior_targets_add_the_empty_prompt_and_the_base_prediction():
+    """What base_prior_targets hands eq. 2: the prior rows' x_t and t again, with the empty prompt's row, and as the
+    prior rows' target the base UNet's prediction for exactly those rows (the subject's rows keep their noise)."""
+    seen = {}
+
+    def base_unet(x, t, context):
+        seen.update(x=x, t=t, context=context)
+        return x * 10 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    g = torch.Generator().manual_seed(0)
+    x_t, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, rows = torch.tensor([5, 50, 500]), torch.tensor([0, 1, 2])
+    contexts = torch.arange(4.0).view(4, 1, 1).expand(4, 77, 8)  # row k's context is all k; row 3: ""
+    x2, t2, rows2, target = train.base_prior_targets(base_unet, contexts, x_t, t, rows, noise, 1, uncond_row=3)
+    assert torch.equal(x2, torch.cat([x_t, x_t[1:]])) and t2.tolist() == [5, 50, 500, 50, 500]
+    assert rows2.tolist() == [0, 1, 2, 3, 3]
+    assert torch.equal(seen["x"], x2[1:]) and seen["context"][:, 0, 0].tolist() == [1, 2, 3, 3]
+    assert torch.equal(target[:1], noise[:1])
+    assert torch.equal(target[1:], x2[1:] * 10 + torch.tensor([1.0, 2, 3, 3]).view(-1, 1, 1, 1))
+
+
+def test_prior_loss_base_with_lora_uses_the_model_without_its_adapters(photos):
+    """With --lora the base is the UNet itself with its adapters off: no copy. After steps that move the adapters, it
+    still predicts what the untouched model predicts, while the UNet with its adapters does not."""
+    sd, step = make_step(photos, "--lora", "4", "--lr", "1e-2", "--prior-loss", "base")
+    assert step(torch.Generator().manual_seed(7))[2].item() < 1e-10  # up = 0: the adapted UNet is the base
+    for seed in range(3):
+        step(torch.Generator().manual_seed(seed))
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([400])
+    context = sd.encode_text(["a dog"])
+    with torch.no_grad():
+        untouched = dreambooth.load("tiny").unet(x, t, context)
+        torch.testing.assert_close(step.base_unet(x, t, context), untouched)
+        assert not torch.allclose(sd.unet(x, t, context), untouched, atol=1e-6)
+
+
 def test_clip_grad_clips(photos):
     """--clip-grad 1e-6 scales the gradient down until AdamW's eps dominates its update: the weights move far less
     than unclipped, exactly as clipping by hand makes them move."""
@@ -166,8 +219,9 @@ def test_short_run_learns_and_writes_a_usable_run(photos, tmp_path, capsys):
         latents = (mean * LATENT_SCALE).expand(4, -1, -1, -1)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([50, 300, 600, 900])
-        losses = [train.dreambooth_loss(sd.unet, latents, sd.encode_text(["photo of a sks dog"]).expand(4, -1, -1),
-                                        noise, t, sd.alphas_cumprod, 4, 1.0)[0] for sd in (before, after)]
+        x_t = add_noise(latents, noise, t, before.alphas_cumprod)
+        losses = [train.dreambooth_loss(sd.unet, x_t, t, sd.encode_text(["photo of a sks dog"]).expand(4, -1, -1),
+                                        noise, 4, 1.0)[0] for sd in (before, after)]
     assert losses[1] < 0.8 * losses[0]
 
 
