@@ -140,7 +140,8 @@ SD_DDIM_STEPS = 50
 # for SD v1 (README, "The toy world"; benchmarks/toy.py measures them). Its captions were "a red circle", never
 # "photo of ...", and its class images are made as all its samples are (TOY_SAMPLING).
 TOY_DEFAULTS = {
-    "train.py": {"lr": 3e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": TOY_SAMPLING["ddim_steps"]},
+    "train.py": {"lr": 3e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": TOY_SAMPLING["ddim_steps"],
+                 "steps": 1000, "prior_loss": "base", "prior_weight": 3.0},
     "make_prior.py": {"num": 200},
 }
 

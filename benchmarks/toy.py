@@ -1,23 +1,27 @@
 """DreamBooth on the toy model, measured: does the base model draw what it is told, does DreamBooth teach it the
-subject, and does the prior keep the class from drifting?
+subject, and does the class keep its meaning?
 
     python make_toy.py                          # once: dreambooth/toy.safetensors and examples/toy/
-    python benchmarks/toy.py                    # about 5 minutes on 2 cores
+    python benchmarks/toy.py                    # about 8 minutes on 2 cores
     python benchmarks/toy.py --images docs/toy  # and the README's pictures
-    python benchmarks/toy.py --steps 300 --lr 2e-5 --skip-no-prior
+    python benchmarks/toy.py --subject lime-cross --skip-no-prior   # a held-out subject (benchmarks/subjects/)
 
-The subject is the pink ring of examples/toy (dreambooth/toyworld.py: SUBJECT), its class "circle". The script
-runs the repo's real programs as a user would (make_prior.py, then train.py twice: with and without --prior) and
-judges every picture with toyworld's classical measure (dominant_colour, shape_of), which is itself checked first
-on freshly drawn pictures. Figures printed:
+The subject is the pink ring of examples/toy (dreambooth/toyworld.py: SUBJECT), its class "circle", or with
+--subject one of the subjects in benchmarks/subjects/ that no setting was tuned on. The script runs the repo's real
+programs as a user would (make_prior.py, then train.py twice: with and without --prior) and judges every picture
+with toyworld's classical measure (dominant_colour, shape_of, hue_family), which is itself checked first on freshly
+drawn pictures. Figures printed:
 
   measure     accuracy of dominant_colour / shape_of on drawn pictures of the vocabulary (and of the subject)
   base        the toy model on "a <colour> <shape>": colour right, shape right
-  prior       after DreamBooth with prior preservation: "a sks circle" showing the subject, "a circle" NOT showing
-              it, and the colour accuracy of the vocabulary prompts
-  no prior    the same after plain fine-tuning: "a circle" drifts toward the subject
+  prior       after DreamBooth with prior preservation: "a sks <class>" showing the subject (16 samples); the class
+              kept (toyworld.class_kept on 32 samples of "a <class>", seeds 50-81, before and after: the distance of
+              the colour mixes, the seeds that keep their colour family, the samples that show the subject); the
+              colour accuracy of the vocabulary prompts
+  no prior    the same after plain fine-tuning: the class drifts
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -45,7 +49,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="dreambooth/toy.safetensors", help="the toy model (make_toy.py)")
-    p.add_argument("--instance", default="examples/toy", help="the subject's pictures")
+    p.add_argument("--subject", default="examples/toy", help="the subject: the shipped one's pictures, or the name of "
+                                                             "a folder in benchmarks/subjects/")
     p.add_argument("--work", default="runs/toy-benchmark", help="folder for the prior and the runs (emptied first)")
     # train.py's settings for --ckpt toy (the README's command), parsed as train.py parses them
     toy, _ = train_settings.parse_args(["--ckpt", "toy", "--instance", "examples/toy", "--class", "circle"])
@@ -53,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=toy.lr, help="train.py --lr")
     p.add_argument("--batch-size", type=int, default=toy.batch_size, help="train.py --batch-size")
     p.add_argument("--prior-weight", type=float, default=toy.prior_weight, help="train.py --prior-weight")
+    p.add_argument("--prior-loss", default=toy.prior_loss, help="train.py --prior-loss")
     p.add_argument("--noise-offset", type=float, default=toy.noise_offset, help="train.py --noise-offset")
     p.add_argument("--prior-num", type=int, default=cli.TOY_DEFAULTS["make_prior.py"]["num"],
                    help="class pictures made by make_prior.py")
@@ -67,10 +73,25 @@ def parse_args(argv=None):
     p.add_argument("--skip-no-prior", action="store_true", help="only the run with prior preservation")
     p.add_argument("--class-prompt-only", action="store_true",
                    help='a prior of "a circle" alone (the paper\'s class prior), not make_prior.py\'s toy prompts')
-    p.add_argument("--images", metavar="DIR", help="also write the README's pictures there (docs/toy): 8 samples, "
-                                                   "seeds 200-207, of 'a sks circle' before and after, and of 'a "
-                                                   "circle' after training with and without the prior")
+    p.add_argument("--prior", metavar="DIR", help="class pictures made earlier by make_prior.py with this script's "
+                                                  "settings (skips making them)")
+    p.add_argument("--images", metavar="DIR", help="also write the README's pictures there (docs/toy): 8 samples "
+                                                   "of 'a sks <class>' (seeds 200-207) before and after, and of 'a "
+                                                   "<class>' (seeds 50-57, the first of the class figure's) before "
+                                                   "and after training with and without the prior")
     return p.parse_args(argv)
+
+
+def subject_of(name: str) -> dict:
+    """The subject's pictures, class and measure: the shipped pink ring (toyworld.SUBJECT), or a held-out subject of
+    benchmarks/subjects/ (its subject.json: class, shape, colours)."""
+    folder = ROOT / "benchmarks" / "subjects" / name
+    if not (folder / "subject.json").is_file():
+        return {"name": "the pink ring", "instance": name, "class": toyworld.SUBJECT["class"],
+                "shows": toyworld.is_subject}
+    spec = json.loads((folder / "subject.json").read_text())
+    return {"name": name, "instance": str(folder), "class": spec["class"],
+            "shows": lambda image: toyworld.shows(image, spec["shape"], spec["colours"])}
 
 
 def check_measure(n: int = 50) -> dict:
@@ -93,10 +114,10 @@ def sample(sd, prompt: str, n: int, args, seed: int = 1000) -> list:
                     progress=False)
 
 
-def save_row(sd, prompt: str, path: Path, args) -> None:
-    """The README's pictures: one row of 8 samples, seeds 200-207."""
+def save_row(sd, prompt: str, path: Path, args, seed: int = 200) -> None:
+    """The README's pictures: one row of 8 samples, seeds 200-207 unless told."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(sample(sd, prompt, 8, args, seed=200), cols=8).save(path)
+    image_grid(sample(sd, prompt, 8, args, seed=seed), cols=8).save(path)
 
 
 def vocabulary_accuracy(sd, args, per_prompt: int) -> dict:
@@ -120,26 +141,28 @@ def run(cmd: list[str], args) -> float:
     return time.time() - t0
 
 
-def dreambooth_run(args, work: Path, prior: bool) -> dict:
+CLASS_SEEDS = range(50, 82)  # the class figure's 32 seeds
+
+
+def dreambooth_run(args, work: Path, subject: dict, class_before: list, prior: bool) -> dict:
     """train.py on the subject (with or without the prior), then the DreamBooth figures of the result."""
-    out = work / ("prior" if prior else "no-prior")
-    cmd = ["train.py", "--ckpt", args.ckpt, "--instance", args.instance, "--class", "circle", "--token", "sks",
-           "--instance-prompt", "a sks circle", "--steps", str(args.steps), "--lr", str(args.lr),
+    out, name = work / ("prior" if prior else "no-prior"), subject["class"]
+    cmd = ["train.py", "--ckpt", args.ckpt, "--instance", subject["instance"], "--class", name, "--token", "sks",
+           "--instance-prompt", f"a sks {name}", "--steps", str(args.steps), "--lr", str(args.lr),
            "--batch-size", str(args.batch_size), "--noise-offset", str(args.noise_offset), "--sample-every", "0",
            "--save-every", "0", "--device", args.device, "--precision", "fp32", "--out", str(out)]
-    seconds = run(cmd + (["--prior", str(work / "class"), "--prior-weight", str(args.prior_weight)] if prior else []),
-                  args)
+    seconds = run(cmd + (["--prior", str(args.prior), "--prior-weight", str(args.prior_weight), "--prior-loss",
+                          args.prior_loss] if prior else []), args)
     sd = dreambooth.load(out / "model.safetensors", device=args.device)
     if args.images:
         if prior:
-            save_row(sd, "a sks circle", Path(args.images, "after.png"), args)
-        save_row(sd, "a circle", Path(args.images, f"class-with{'' if prior else 'out'}-prior.png"), args)
-    subject = sum(map(toyworld.is_subject, sample(sd, "a sks circle", args.n, args)))
-    class_images = sample(sd, "a circle", args.n, args)
-    drift = sum(map(toyworld.is_subject, class_images))
-    in_colour = sum(toyworld.dominant_colour(im) == toyworld.SUBJECT["colour_name"] for im in class_images)
-    return {"seconds": seconds, "subject": subject, "class_drift": drift, "class_in_colour": in_colour,
-            **vocabulary_accuracy(sd, args, per_prompt=4)}
+            save_row(sd, f"a sks {name}", Path(args.images, "after.png"), args)
+        save_row(sd, f"a {name}", Path(args.images, f"class-with{'' if prior else 'out'}-prior.png"), args,
+                 seed=CLASS_SEEDS[0])
+    shown = sum(map(subject["shows"], sample(sd, f"a sks {name}", args.n, args)))
+    kept = toyworld.class_kept(class_before, sample(sd, f"a {name}", len(CLASS_SEEDS), args, seed=CLASS_SEEDS[0]),
+                               subject["shows"])
+    return {"seconds": seconds, "subject": shown, **kept, **vocabulary_accuracy(sd, args, per_prompt=4)}
 
 
 def main(argv=None):
@@ -149,6 +172,8 @@ def main(argv=None):
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    subject = subject_of(args.subject)
+    name = subject["class"]
 
     measure = check_measure()
     print(f"measure on drawn pictures: colour {measure['colour']:.1%}, shape {measure['shape']:.1%}, "
@@ -156,30 +181,34 @@ def main(argv=None):
 
     sd = dreambooth.load(ROOT / args.ckpt, device=args.device)
     if args.images:
-        save_row(sd, "a sks circle", Path(args.images, "before.png"), args)
+        save_row(sd, f"a sks {name}", Path(args.images, "before.png"), args)
+        save_row(sd, f"a {name}", Path(args.images, "class-before.png"), args, seed=CLASS_SEEDS[0])
     base = vocabulary_accuracy(sd, args, per_prompt=8)
-    base_drift = sum(map(toyworld.is_subject, sample(sd, "a circle", args.n, args)))
+    class_before = sample(sd, f"a {name}", len(CLASS_SEEDS), args, seed=CLASS_SEEDS[0])
     print(f"base model, {8 * len(VOCABULARY)} samples at scale {args.scale}: colour {base['colour']:.1%} "
-          "(target 90 %), "
-          f"shape {base['shape']:.1%} (target 80 %); 'a circle' shows the subject {base_drift}/{args.n}", flush=True)
+          f"(target 90 %), shape {base['shape']:.1%} (target 80 %); 'a {name}' shows the subject "
+          f"{sum(map(subject['shows'], class_before))}/{len(CLASS_SEEDS)}; subject: {subject['name']}", flush=True)
 
-    # make_prior.py --class circle's prompts with --ckpt toy, given as --prompt: --ckpt here may be a remade file
-    prompts = [flag for p in (["a circle"] if args.class_prompt_only else cli.prior_prompts("toy", "circle"))
-               for flag in ("--prompt", p)]
-    prior_seconds = run(["make_prior.py", "--ckpt", args.ckpt, *prompts, "--outdir", str(work / "class"),
-                         "--num", str(args.prior_num), "--scale", str(args.scale), "--ddim_steps",
-                         str(args.sample_steps), "--batch-size", "20", "--device", args.device, "--precision", "full"],
-                        args)
-    print(f"make_prior.py: {args.prior_num} pictures of {' / '.join(prompts[1::2])} in {prior_seconds:.0f} s",
-          flush=True)
-    settings = (f"--steps {args.steps} --lr {args.lr} --batch-size {args.batch_size} "
-                f"--prior-weight {args.prior_weight} --noise-offset {args.noise_offset}")
+    if not args.prior:
+        # make_prior.py --class's prompts with --ckpt toy, given as --prompt: --ckpt here may be a remade file
+        prompts = [flag for p in ([f"a {name}"] if args.class_prompt_only else cli.prior_prompts("toy", name))
+                   for flag in ("--prompt", p)]
+        args.prior = work / "class"
+        prior_seconds = run(["make_prior.py", "--ckpt", args.ckpt, *prompts, "--outdir", str(args.prior),
+                             "--num", str(args.prior_num), "--scale", str(args.scale), "--ddim_steps",
+                             str(args.sample_steps), "--batch-size", "20", "--device", args.device, "--precision",
+                             "full"], args)
+        print(f"make_prior.py: {args.prior_num} pictures of {' / '.join(prompts[1::2])} in {prior_seconds:.0f} s",
+              flush=True)
+    settings = (f"--steps {args.steps} --lr {args.lr} --batch-size {args.batch_size} --prior-weight "
+                f"{args.prior_weight} --prior-loss {args.prior_loss} --noise-offset {args.noise_offset}")
     for prior in (True, False) if not args.skip_no_prior else (True,):
-        r = dreambooth_run(args, work, prior)
+        r = dreambooth_run(args, work, subject, class_before, prior)
         print(f"train.py {settings} {'with' if prior else 'without'} --prior: {r['seconds']:.0f} s (target 180 s); "
-              f"'a sks circle' shows the subject {r['subject']}/{args.n} (target >= 12); 'a circle' shows it "
-              f"{r['class_drift']}/{args.n} ({toyworld.SUBJECT['colour_name']} {r['class_in_colour']}/{args.n}; "
-              f"target <= 2 with the prior); vocabulary colour {r['colour']:.1%} (target 90 %), "
+              f"'a sks {name}' shows the subject {r['subject']}/{args.n} (target >= 12); 'a {name}' (32 seeds): "
+              f"colour mix distance {r['distance']:.2f} (target <= 0.25), same colour family {r['kept']}/32 "
+              f"(target >= 20), shows the subject {r['shown']}/32 (target <= 2), families after "
+              f"{toyworld.family_counts(r['after'])}; vocabulary colour {r['colour']:.1%} (target 90 %), "
               f"shape {r['shape']:.1%}", flush=True)
 
 
