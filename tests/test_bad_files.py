@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import dreambooth
 from dreambooth.checkpoint import UNET, VAE, CheckpointError
 from dreambooth.lora import load_lora
+from tests.references import random_lora
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,40 @@ def test_a_latent_scale_that_is_not_a_positive_number_is_named(tiny_file, tmp_pa
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: metadata latent_scale is "
                                               rf"{re.escape(repr(value))}, not a number above 0$"):
         dreambooth.load(path)
+
+
+# ---- LoRA files ---------------------------------------------------------------------------------------------------
+
+NAME = "lora_unet_down_blocks_0_attentions_0_proj_in"  # the tiny UNet's first adapted layer: [32, 32, 1, 1]
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"lora_down.weight": torch.zeros(0, 32, 1, 1), "lora_up.weight": torch.zeros(32, 0, 1, 1)},
+     r" has lora_down \[0, 32, 1, 1\] and lora_up \[32, 0, 1, 1\], not \[rank, in\] and \[out, rank\] with a rank"),
+    ({"lora_down.weight": torch.zeros(4, 32, 1, 1), "lora_up.weight": torch.zeros(32, 8, 1, 1)},
+     r" has lora_down \[4, 32, 1, 1\] and lora_up \[32, 8, 1, 1\]"),
+    ({"lora_down.weight": torch.zeros(4, 32), "lora_up.weight": torch.zeros(32, 4, 1, 1)}, r" has lora_down \[4, 32\]"),
+    ({"lora_down.weight": torch.zeros(4, 32, 1, 1), "lora_up.weight": torch.zeros(32, 4, 1, 1),
+      "alpha": torch.tensor(math.nan)}, r"\.alpha is nan, not one finite number"),
+    ({"lora_down.weight": torch.zeros(4, 32, 1, 1), "lora_up.weight": torch.zeros(32, 4, 1, 1),
+      "alpha": torch.ones(2)}, r"\.alpha is 2 values, not one finite number"),
+    ({"lora_down.weight": torch.full((4, 32, 1, 1), math.nan), "lora_up.weight": torch.ones(32, 4, 1, 1)},
+     r" at scale 1 changes its layer by values that are not finite"),
+], ids=["rank-0", "ranks-differ", "ndim-differ", "alpha-nan", "alpha-two", "weights-nan"])
+def test_lora_adapters_that_make_no_sense_are_named(tmp_path, tensors, message):
+    path = tmp_path / "odd.safetensors"
+    save_file({f"{NAME}.{kind}": t for kind, t in tensors.items()}, path)
+    sd = dreambooth.load("tiny")
+    before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {NAME}{message}"):
+        load_lora(sd, path)
+    assert all(torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())  # nothing half-applied
+
+
+def test_a_lora_scale_that_overflows_is_refused(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    random_lora(dreambooth.load("tiny"), path)
+    with pytest.raises(ValueError, match=r"lora\.safetensors: the scale nan is not a finite number"):
+        load_lora(dreambooth.load("tiny"), path, math.nan)
+    with pytest.raises(CheckpointError, match=r"at scale 1e\+300 changes its layer by values that are not finite"):
+        load_lora(dreambooth.load("tiny"), path, 1e300)  # a float64 number; no float32 weight holds it
