@@ -36,7 +36,8 @@ from dreambooth.data import Photos, encode_posteriors  # noqa: E402
 from dreambooth.ddim import add_noise  # noqa: E402
 from dreambooth.files import why_write_failed, write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
-from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
+from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, save_png,  # noqa: E402
+                               skipped_images)
 from dreambooth.lora import LoRA, kohya_metadata, save_lora  # noqa: E402
 from dreambooth.runlog import Log, Stopped  # noqa: E402
 from train_settings import manifest_prompts, parse_args, resolve_defaults  # noqa: E402
@@ -178,6 +179,8 @@ def load_model_and_photos(args, device):
     try:
         instance_paths = list_images(args.instance)
         prior_paths = list_images(args.prior) if args.prior else []
+        for path in skipped_images(args.instance) + (skipped_images(args.prior) if args.prior else []):
+            print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
         if args.prior and len(prior_paths) < len(instance_paths):
             raise ValueError(f"--prior {args.prior} has {len(prior_paths)} images, fewer than the {len(instance_paths)}"
                              f" in --instance; make more with: python make_prior.py --class {args.class_name} "

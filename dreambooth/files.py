@@ -1,4 +1,5 @@
 """Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it where a whole one was."""
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +26,8 @@ def write_atomic(path, write) -> None:
         finally:
             os.close(folder)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that cannot be written in: the first error is the one to see
+            tmp.unlink(missing_ok=True)
         raise
 
 
