@@ -34,8 +34,8 @@ def parser():
     p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
                                                  "(the photos are encoded with the checkpoint's own)")
-    p.add_argument("--resolution", type=cli.IMAGE_SIZE, help="image size, a multiple of 8; default the model's (512; "
-                                                             "toy: 64)")
+    p.add_argument("--resolution", type=cli.TRAIN_RESOLUTION, help="image size, a multiple of 8 from 64; default the "
+                                                                   "model's (512; toy: 64)")
     p.add_argument("--steps", type=cli.number(low=1), default=800, help="optimizer steps in total")
     p.add_argument("--batch-size", type=cli.number(low=1), default=1,
                    help="subject images per step, plus as many prior images")
@@ -51,11 +51,11 @@ def parser():
     p.add_argument("--lora", type=cli.number(), default=0, metavar="RANK",
                    help="train LoRA adapters of this rank instead of the whole model, written to lora.safetensors "
                         "(kohya's format); 0 = off")
-    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
+    p.add_argument("--lora-alpha", type=cli.number(float), help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
                                                     "default RANK")
     p.add_argument("--save-merged", action="store_true", help="with --lora, also write the model with the LoRA "
                                                               "merged in as model.safetensors")
-    p.add_argument("--seed", type=int, default=42, help="seed of all randomness: data order, flips, noise, t")
+    p.add_argument("--seed", type=cli.SEED, default=42, help="seed of all randomness: data order, flips, noise, t")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ...; default cuda if available, else cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
                                                                          "Default bf16 on CUDA, fp32 elsewhere")

@@ -1,7 +1,9 @@
 """Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it where a whole one was."""
 import contextlib
+import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -29,6 +31,17 @@ def write_atomic(path, write) -> None:
         with contextlib.suppress(OSError):  # a folder that cannot be written in: the first error is the one to see
             tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder) -> None:
+    """Raise OSError unless files can be made in `folder`, or where it would be made if it does not exist yet.
+    Nothing is left behind: the probe is an unnamed temporary file."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
+    with tempfile.TemporaryFile(dir=existing):
+        pass
 
 
 def why_write_failed(error: BaseException, folder, need_bytes: int) -> str:

@@ -437,7 +437,7 @@ def test_bad_inputs_are_named(photos, tmp_path, capsys):
     assert "no train_state.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(photos, tmp_path / "e", "--resolution", "30")
-    assert "argument --resolution: 30: must be a positive multiple of 8" in capsys.readouterr().err
+    assert "argument --resolution: 30: must be a multiple of 8, at least 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused before training, not at the first preview
         run(photos, tmp_path / "f", "--sample-steps", "1000")
     assert "argument --sample-steps: 1000: must be from 1 to 999" in capsys.readouterr().err
