@@ -40,7 +40,8 @@ from dreambooth.images import (a1111_parameters, image_grid, list_images, load_i
                                skipped_images)
 from dreambooth.lora import LoRA, kohya_metadata, save_lora  # noqa: E402
 from dreambooth.runlog import Log, Stopped  # noqa: E402
-from train_settings import manifest_prompts, parse_args, resolve_defaults  # noqa: E402
+from dreambooth.torchfile import first_line  # noqa: E402
+from train_settings import claim_run_folder, manifest_prompts, parse_args, resolve_defaults  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One training step: the loss, what a step draws, and the step itself.
@@ -252,34 +253,25 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-
+# main(): the run folder is this run's alone (train_settings.claim_run_folder), then setup, resume, the loop.
 
 def main(argv=None):
     args, state = parse_args(argv)
     resolve_defaults(args)
+    with claim_run_folder(args, state):
+        setup_and_train(args, state)
+
+
+def setup_and_train(args, state):
     out, device = Path(args.out), torch.device(args.device)
-    if not args.resume and out.exists() and any(out.iterdir()):
-        raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
-                         "choose another folder, or continue that run with --resume")
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, n_instance, prior_prompts = load_model_and_photos(args, device)
     preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
     step, optimizer, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
-    start = 0
-    if state:  # the trained weights, the optimizer and the data generator where the run stopped
-        for name, weights in state["weights"].items():
-            trained[name].load_state_dict(weights)
-        try:
-            optimizer.load_state_dict(state)
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: --resume {args.resume}: {e}; keep the run's --precision, --clip-grad "
-                             "and --no-step-in-backward, which decide whether the optimizer steps inside backward")
-        generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
-        start = state["step"]
+    start = resume(args, state, trained, optimizer, generator) if state else 0
     if start >= args.steps:
         print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
         return
-    out.mkdir(parents=True, exist_ok=True)
     print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
           f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {len(prior_prompts)} prior images at "
           f"{args.resolution} px; run folder {out}")
@@ -289,6 +281,23 @@ def main(argv=None):
         train(args, sd, preview_sd, step, optimizer, trained, generator, log)
     except Stopped as e:
         raise SystemExit(f"train.py: error: {e}") from None
+
+
+def resume(args, state, trained, optimizer, generator):
+    """The trained weights, the optimizer and the data generator where the run stopped; returns its step."""
+    try:
+        for name, weights in state["weights"].items():
+            trained[name].load_state_dict(weights)
+        generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise SystemExit(f"train.py: error: --resume {args.resume}: train_state.pt does not fit this run "
+                         f"({first_line(e)})") from None
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: --resume {args.resume}: {e}; keep the run's --precision, --clip-grad "
+                         "and --no-step-in-backward, which decide whether the optimizer steps inside backward")
+    return state["step"]
 
 
 def lr_at(step, args):
@@ -340,7 +349,10 @@ def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
                 if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                     with log.peak_not_counted():
                         grid = out / "samples" / f"step-{step:05d}.png"
-                        preview(preview_sd, sample_prompts, sample_seeds, args, grid)
+                        try:
+                            preview(preview_sd, sample_prompts, sample_seeds, args, grid)
+                        except ValueError as e:  # generate's non-finite latents: the weights have diverged
+                            raise log.stop(f"the preview after step {step} failed: {e}", diverged=True) from None
                 if (args.save_every and step % args.save_every == 0) or step == args.steps or stop:
                     log.check(step)
                     if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):

@@ -1,6 +1,8 @@
-"""Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it where a whole one was."""
+"""Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it where a whole one was, and a
+folder that one process at a time writes in."""
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -42,6 +44,36 @@ def check_writable(folder) -> None:
         raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
     with tempfile.TemporaryFile(dir=existing):
         pass
+
+
+class FolderInUse(Exception):
+    """Another process holds the folder's lock (the message names its process id)."""
+
+
+LOCK_NAME = ".lock"
+
+
+def lock_folder(folder: Path):
+    """Make `folder` this process's alone: an exclusive flock on folder/.lock (the folder is made if need be), which
+    a second process is refused (FolderInUse) rather than made to wait. Returns the open lock file; closing it
+    releases the lock, and so does the end of the process, however it ends (a crash, kill -9): a dead process never
+    keeps a folder. The file stays, holding the last holder's process id."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read(32).strip() or "unknown"
+        lock.close()
+        raise FolderInUse(f"another process (pid {holder}) is working in it") from None
+    except OSError:
+        lock.close()
+        raise
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def why_write_failed(error: BaseException, folder, need_bytes: int) -> str:

@@ -159,7 +159,7 @@ def read_only(tmp_path):
     pytest.skip("no folder here that root cannot write in")
 
 
-@pytest.mark.parametrize("program", ["sample.py", "make_prior.py"])
+@pytest.mark.parametrize("program", ["sample.py", "make_prior.py", "train.py"])
 @pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
 def test_a_folder_that_cannot_be_written_is_named_before_the_model_loads(photos, tmp_path, program, where):
     (tmp_path / "notes.txt").write_text("keep me")
@@ -214,7 +214,18 @@ def test_a_full_disk_while_making_the_prior_is_one_line_and_the_same_command_goe
 NOT_TEXT = b"\xff\xfe\x00garbage\x80\n"
 
 
-def test_bad_manifest_and_prompt_files_are_one_line(tmp_path, capsys):
+def test_bad_manifest_and_prompt_files_are_one_line(photos, tmp_path, capsys):
+    prior = shutil.copytree(photos / "prior", tmp_path / "prior")
+    lines = ['{"file": "00.png", "prompt": "a dog"}', '{"file": "01.png", "prompt": 5}']
+    for content, where in (("\n".join(lines), r"line 2 is not make_prior\.py's manifest \(TypeError"),
+                           ('{"file": "00.png", "prompt": "a dog"}\n[1, 2]', r"line 2 is not make_prior\.py's"),
+                           (NOT_TEXT, r"is not make_prior\.py's manifest \(not text")):
+        (prior / "manifest.jsonl").write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, tmp_path / "run", "--steps", "1", instance="../" + str(photos / "instance"))
+        assert re.search(rf"^train\.py: error: {re.escape(str(prior / 'manifest.jsonl'))} {where}",
+                         one_line(e.value, "train.py"))
+
     outdir = tmp_path / "made"
     outdir.mkdir()
     (outdir / "manifest.jsonl").write_bytes(NOT_TEXT)
