@@ -20,6 +20,7 @@ saving; setup; then main() and the loop. The settings (flags, their defaults, --
 train_settings.py; the optimizer and the CUDA graph in dreambooth/speed.py.
 """
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import dreambooth  # noqa: E402
 from dreambooth import speed  # noqa: E402
 from dreambooth.data import Photos, encode_posteriors  # noqa: E402
 from dreambooth.ddim import add_noise  # noqa: E402
-from dreambooth.files import why_write_failed, write_atomic  # noqa: E402
+from dreambooth.files import replace_all, why_write_failed, write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, save_png,  # noqa: E402
                                skipped_images)
@@ -306,24 +307,31 @@ def lr_at(step, args):
 
 
 def save(out, sd, trained, optimizer, step, args, generator, log):
-    """model.safetensors (fp16, the original CompVis key layout), then train_state.pt, each written atomically, so a
-    failed write (a full disk, said in one line) loses nothing: the previous save stays as it was."""
+    """model.safetensors (fp16, the original CompVis key layout) or lora.safetensors, and train_state.pt, all of one
+    step: each is written whole into the staging folder out/.saving, then all are renamed into place
+    (files.replace_all). So a failed write (a full disk, said in one line) leaves the folder as the last good save
+    left it, and a folder never holds a model of one step beside the train state of another."""
     state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
              **optimizer.state_dict(), "data_rng": generator.get_state(), "log": log.state()}
+    staging = out / ".saving"
     try:
+        shutil.rmtree(staging, ignore_errors=True)  # what a run killed while saving left
+        staging.mkdir()
         if not args.lora:
-            dreambooth.save(sd, out / "model.safetensors")
+            dreambooth.save(sd, staging / "model.safetensors")
         else:
             comment = (f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
                        f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step")
-            save_lora(trained["lora"], out / "lora.safetensors", kohya_metadata(
+            save_lora(trained["lora"], staging / "lora.safetensors", kohya_metadata(
                 args.lora, args.lora_alpha, Path(args.ckpt).name, learning_rate=args.lr, steps=step,
                 max_train_steps=args.steps, seed=args.seed, resolution=args.resolution, training_comment=comment))
             if args.save_merged:
                 with trained["lora"].merged():
-                    dreambooth.save(sd, out / "model.safetensors")
-        write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
+                    dreambooth.save(sd, staging / "model.safetensors")
+        write_atomic(staging / "train_state.pt", lambda tmp: torch.save(state, tmp))
+        replace_all(staging, out)
     except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
         params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
         trained_params = sum(p.numel() for m in trained.values() for p in m.parameters())
         need = 2 * params + 12 * trained_params  # the fp16 model; the fp32 trained weights and their two moments

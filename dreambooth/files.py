@@ -1,4 +1,4 @@
-"""Writing a file so that a crash, a full disk or Ctrl-C never leaves half of it where a whole one was, and a
+"""Writing files so that a crash, a full disk or Ctrl-C never leaves half of one where a whole one was, and a run
 folder that one process at a time writes in."""
 import contextlib
 import errno
@@ -24,15 +24,30 @@ def write_atomic(path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk with the folder's entry
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        sync_folder(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):  # a folder that cannot be written in: the first error is the one to see
             tmp.unlink(missing_ok=True)
         raise
+
+
+def replace_all(staging: Path, folder: Path) -> None:
+    """Move every file of the folder `staging` (each written whole, by write_atomic) into `folder`, over the files
+    of the same names, then remove `staging`. The writing that can fail (a full disk) is over before the first
+    rename, so `folder` gets all the new files or none; renames in one file system do not fail for want of space."""
+    for path in sorted(staging.iterdir()):
+        os.replace(path, folder / path.name)
+    sync_folder(folder)
+    staging.rmdir()
+
+
+def sync_folder(folder) -> None:
+    """Flush a folder's entries, so that the renames into it reach the disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_writable(folder) -> None:

@@ -71,6 +71,29 @@ def test_two_fresh_runs_started_together_make_one_run(photos, tmp_path):
     assert [json.loads(row)["step"] for row in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("lora", [[], ["--lora", "2", "--save-merged"]], ids=["full", "lora"])
+def test_a_failed_save_leaves_the_folder_at_the_last_good_step(photos, tmp_path, monkeypatch, lora):
+    """The model file is written, then the train state fails (a full disk): the folder must still hold step 2's
+    model beside step 2's train state, and the message say that step 2 is what it holds."""
+    out = tmp_path / "run"
+    run(photos, out, "--steps", "2", "--save-every", "1", "--lr", "1e-3", *lora)
+    files = ["model.safetensors"] + (["lora.safetensors"] if lora else [])
+    before = {name: (out / name).read_bytes() for name in files}
+
+    def disk_full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=rf"^train\.py: error: saving step 3 failed: .*No space left on device; "
+                                         rf"stopped, the last good save \(step 2\) is in {out}$"):
+        train.main(["--resume", str(out), "--steps", "3"])
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in files} == before
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "log.jsonl", "train_state.pt", *files])
+
+
 def test_a_run_that_stopped_before_its_first_save_can_start_again(photos, tmp_path, capsys):
     """A first run diverges (lr 1e8) before its only save: its folder holds a log and nothing saved. The same
     --out starts afresh, saying so, and --resume says why it cannot."""
