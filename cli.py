@@ -98,7 +98,7 @@ def add_sampling_flags(p, scale):
 def check_sampling_flags(p, args):
     """The LoRA files exist, and the model's flags are right."""
     for path, _ in args.lora or []:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             p.error(f"--lora {path}: no such file")
     check_model_flags(p, args)
 

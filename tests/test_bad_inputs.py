@@ -123,9 +123,10 @@ def test_what_would_make_black_images_stops_before_any_is_written(bad_models, tm
 def test_a_diffusers_folder_is_named_as_one(tmp_path):
     (tmp_path / "sd-diffusers" / "unet").mkdir(parents=True)
     (tmp_path / "sd-diffusers" / "model_index.json").write_text("{}")
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", str(tmp_path / "sd-diffusers"), "--prompt", "x", "--outdir", str(tmp_path / "out")])
-    assert "sd-diffusers is a diffusers-format folder" in one_line(e.value, "sample.py")
+    for flag in ("--ckpt", "--lora"):
+        with pytest.raises(SystemExit) as e:
+            sample.main([flag, str(tmp_path / "sd-diffusers"), "--prompt", "x", "--outdir", str(tmp_path / "out")])
+        assert "sd-diffusers is a diffusers-format folder" in one_line(e.value, "sample.py")
 
 
 # ---- places that cannot be written: one line naming the path, before the model loads --------------------------------
