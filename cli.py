@@ -4,6 +4,7 @@ this module turns those into flags and one-line messages for a person."""
 import argparse
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 from tqdm import tqdm
 
 import dreambooth
-from dreambooth import toyworld
+from dreambooth import files, toyworld
 from dreambooth.checkpoint import DEFAULT_FILES
+from dreambooth.images import save_png
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -35,11 +37,11 @@ def parser(prog, description, examples, usage=None):
 
 
 def check_model_flags(p, args):
-    """--ckpt names a file (or toy, tiny), and so does --vae if given; --device is one this machine has ("auto": CUDA
-    where there is one)."""
-    if args.ckpt not in (None, "tiny", "toy") and not Path(args.ckpt).is_file():
+    """--ckpt names a path that exists (or toy, tiny), and so does --vae if given; --device is one this machine has
+    ("auto": CUDA where there is one). A folder is left to the loader, which says what it is (a diffusers model)."""
+    if args.ckpt not in (None, "tiny", "toy") and not Path(args.ckpt).exists():
         p.error(f"--ckpt {args.ckpt}: no such file")
-    if args.vae and not Path(args.vae).is_file():
+    if args.vae and not Path(args.vae).exists():
         p.error(f"--vae {args.vae}: no such file")
     if args.device in (None, "auto"):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,14 +50,18 @@ def check_model_flags(p, args):
 
 
 def number(kind=int, low=0, high=None, multiple_of=1, why=""):
-    """An argparse type: a number from `low` (to `high`; a multiple of `multiple_of`). argparse's error names the
-    flag: "argument --steps: 0: must be at least 1"."""
-    rule = (f"a positive multiple of {multiple_of}" if multiple_of > 1 else
+    """An argparse type: a finite number from `low` (None: any; to `high`; a multiple of `multiple_of`). argparse's
+    error names the flag: "argument --steps: 0: must be at least 1", "argument --lr: nan: must be a finite number"."""
+    rule = (f"a positive multiple of {multiple_of}" if multiple_of > 1 and multiple_of >= low else
+            f"a multiple of {multiple_of}, at least {low}" if multiple_of > 1 else
             f"from {low} to {high}" if high is not None else f"at least {low}")
 
     def parse(text):
         value = kind(text)
-        if value < low or (high is not None and value > high) or (multiple_of > 1 and value % multiple_of):
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+        off_grid = multiple_of > 1 and value % multiple_of
+        if low is not None and (value < low or (high is not None and value > high) or off_grid):
             raise argparse.ArgumentTypeError(f"{text}: must be {rule}{why}")
         return value
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
@@ -63,7 +69,11 @@ def number(kind=int, low=0, high=None, multiple_of=1, why=""):
 
 
 IMAGE_SIZE = number(low=8, multiple_of=8, why=" (the VAE works on 8x8 pixel blocks)")
+# Training needs more: the UNet halves the 8x smaller latent three times, and at 1x1 a GroupNorm has nothing to norm.
+TRAIN_RESOLUTION = number(low=64, multiple_of=8, why=" (the UNet halves the latent, an eighth of it, three times)")
 DDIM_STEPS = number(low=1, high=999, why=" (the model was trained on 1000 timesteps)")
+SEED = number(low=0, high=2**63 - 1)  # what torch.Generator.manual_seed takes, with room for seed + k
+FINITE = number(float, low=None)
 
 
 def add_sampling_flags(p, scale):
@@ -76,7 +86,7 @@ def add_sampling_flags(p, scale):
                         "(default 1.0) before sampling; repeatable")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=DDIM_STEPS,
                    help=f"DDIM steps; default {SD_DDIM_STEPS} (toy models: {TOY_SAMPLING['ddim_steps']})")
-    p.add_argument("--scale", type=float, help=f"classifier-free guidance scale; default {scale} (toy models: "
+    p.add_argument("--scale", type=FINITE, help=f"classifier-free guidance scale; default {scale} (toy models: "
                                                f"{TOY_SAMPLING['scale']})")
     p.add_argument("--H", type=IMAGE_SIZE, help="image height, a multiple of 8; default the model's (512; toy: 64)")
     p.add_argument("--W", type=IMAGE_SIZE, help="image width, a multiple of 8; default the model's (512; toy: 64)")
@@ -88,7 +98,7 @@ def add_sampling_flags(p, scale):
 def check_sampling_flags(p, args):
     """The LoRA files exist, and the model's flags are right."""
     for path, _ in args.lora or []:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             p.error(f"--lora {path}: no such file")
     check_model_flags(p, args)
 
@@ -97,9 +107,12 @@ def lora_and_scale(value):
     """--lora FILE or FILE:SCALE -> (FILE, SCALE). A colon not followed by a number belongs to the file's name."""
     path, _, scale = value.rpartition(":")
     try:
-        return (path, float(scale)) if path else (value, 1.0)
+        path, scale = (path, float(scale)) if path else (value, 1.0)
     except ValueError:
         return value, 1.0
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"{value}: SCALE must be a finite number")
+    return path, scale
 
 
 def load_model(args, program):
@@ -113,6 +126,24 @@ def load_model(args, program):
     except ValueError as e:
         raise SystemExit(f"{program}: error: {e}") from None
     return with_vae(sd, args.vae, program) if args.vae else sd
+
+
+def check_outdir(program, flag, folder):
+    """Stop in one line, before the model loads, where no file can be written in `folder` (read-only, a file, under a
+    file); nothing is made."""
+    try:
+        files.check_writable(folder)
+    except OSError as e:
+        raise SystemExit(f"{program}: error: {flag} {folder}: cannot write there ({e.strerror or e})") from None
+
+
+def save_image(program, image, path, parameters, kept):
+    """images.save_png, or one line naming the file where the write failed (a full disk, a folder made read-only
+    meanwhile); `kept` says what is there already."""
+    try:
+        save_png(image, path, parameters)
+    except OSError as e:
+        raise SystemExit(f"{program}: error: writing {path} failed ({e.strerror or e}); {kept}") from None
 
 
 def with_loras(prompt, loras):

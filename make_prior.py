@@ -23,6 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
 
+from PIL import Image  # noqa: E402
+
 import cli  # noqa: E402
 from dreambooth.files import write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
@@ -47,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=cli.number(low=1), default=4,
                    help="images made at once (8 fits a 16 GB GPU at 512 px)")
     p.add_argument("--outdir", help="default prior/<class>")
-    p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
+    p.add_argument("--seed", type=cli.SEED, default=42, help="image i uses seed + i")
     cli.add_sampling_flags(p, scale=SCALE)
     args = p.parse_args(argv)
 
@@ -73,7 +75,10 @@ def read_manifest(outdir: Path, settings: dict, prompts: list[str]) -> set[str]:
     manifest = outdir / "manifest.jsonl"
     if not manifest.exists():
         return set()
-    text = manifest.read_text()
+    try:
+        text = manifest.read_bytes().decode()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"make_prior.py: error: {manifest} is not a manifest (not text: {e})") from None
     lines = text.splitlines()
     if text and not text.endswith("\n"):  # the run stopped while appending this line
         lines.pop()
@@ -96,32 +101,61 @@ def read_manifest(outdir: Path, settings: dict, prompts: list[str]) -> set[str]:
     return done
 
 
-def write_batches(sd, args, todo, names, done, settings, remaining, height, width):
+def parameters(args, settings, i):
+    """Image i's PNG info, as A1111 writes it."""
+    return a1111_parameters(cli.with_loras(prompt_of(args.prompts, i), args.lora), "", args.ddim_steps, args.scale,
+                            args.seed + i, settings["width"], settings["height"], cli.model_name(args.ckpt), ETA,
+                            settings.get("vae"))
+
+
+def check_unlisted(args, settings, paths):
+    """Files about to be written that manifest.jsonl does not list may only be this command's own: a PNG whose
+    line the run did not live to write (its PNG info is what this run writes). Anything else is not replaced."""
+    for i, path in paths.items():
+        try:
+            with Image.open(path, formats=["PNG"]) as img:
+                ours = img.text.get("parameters") == parameters(args, settings, i)
+        except (OSError, ValueError, SyntaxError):
+            ours = False
+        if not ours:
+            raise SystemExit(f"make_prior.py: error: {path} is not in {args.outdir / 'manifest.jsonl'} nor an image "
+                             "this command makes; move it away or choose another --outdir")
+
+
+def write_batches(sd, args, todo, names, done, settings, remaining):
     """Generate the batches still to do; each image is finished once its manifest line is on the disk."""
-    outdir = args.outdir
-    with open(outdir / "manifest.jsonl", "a") as manifest, \
+    outdir, path = args.outdir, args.outdir / "manifest.jsonl"
+    kept = f"the images finished so far are in {outdir}/; the same command goes on from there"
+    with open(path, "a") as manifest, \
             cli.progress(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
         for batch in todo:
             prompts = [prompt_of(args.prompts, i) for i in batch]
-            images = generate(sd, prompts, [args.seed + i for i in batch], steps=args.ddim_steps,
-                              scale=args.scale, eta=ETA, height=height, width=width, progress=False,
-                              precision=args.precision)
+            try:
+                images = generate(sd, prompts, [args.seed + i for i in batch], steps=args.ddim_steps,
+                                  scale=args.scale, eta=ETA, height=settings["height"], width=settings["width"],
+                                  progress=False, precision=args.precision)
+            except ValueError as e:  # latents that are not finite: black images, which must not enter a prior
+                raise SystemExit(f"make_prior.py: error: {e}; {kept}") from None
             for i, prompt, image in zip(batch, prompts, images):
                 if names[i] in done:
                     continue
-                parameters = a1111_parameters(cli.with_loras(prompt, args.lora), "", args.ddim_steps, args.scale,
-                                              args.seed + i, width, height, cli.model_name(args.ckpt), ETA,
-                                              settings.get("vae"))
-                save_png(image, outdir / names[i], parameters)
                 record = {"file": names[i], "prompt": prompt} | settings | {"seed": args.seed + i}
-                manifest.write(json.dumps(record) + "\n")
-                manifest.flush()
-                os.fsync(manifest.fileno())
+                target = outdir / names[i]
+                try:  # a full disk, say: one line naming the file
+                    save_png(image, target, parameters(args, settings, i))
+                    target = path
+                    manifest.write(json.dumps(record) + "\n")
+                    manifest.flush()
+                    os.fsync(manifest.fileno())
+                except OSError as e:
+                    raise SystemExit(f"make_prior.py: error: writing {target} failed ({e.strerror or e}); {kept}") \
+                        from None
                 bar.update(1)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.check_outdir("make_prior.py", "--outdir", args.outdir)
     sd = cli.load_model(args, "make_prior.py")
     cli.sampling_defaults(args, sd, scale=SCALE)
     height, width = args.H or sd.resolution, args.W or sd.resolution
@@ -142,10 +176,12 @@ def main(argv=None):
     batches = [range(start, min(start + args.batch_size, args.num)) for start in range(0, args.num, args.batch_size)]
     todo = [batch for batch in batches if any(names[i] not in done for i in batch)]
     remaining = sum(names[i] not in done for batch in todo for i in batch)
+    check_unlisted(args, settings, {i: outdir / names[i] for batch in todo for i in batch
+                                    if names[i] not in done and (outdir / names[i]).exists()})
 
     # Generate batch by batch; an image counts as finished once its manifest line is written.
     try:
-        write_batches(sd, args, todo, names, done, settings, remaining, height, width)
+        write_batches(sd, args, todo, names, done, settings, remaining)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the images finished so far are in {outdir}/; the same command goes on from there")
         raise SystemExit(130) from None

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 
 import cli  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
-from dreambooth.images import a1111_parameters, image_grid, next_index, save_png  # noqa: E402
+from dreambooth.images import a1111_parameters, image_grid, next_index  # noqa: E402
 
 SCALE = 7.5  # the guidance scale of SD's txt2img (toy models: cli.TOY_SAMPLING)
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="batch size: images made at once (1 is light enough for a CPU; 3-4 on a GPU)")
     p.add_argument("--n_iter", "--n-iter", dest="n_iter", type=cli.number(low=1), default=1,
                    help="how many times to go through the prompts")
-    p.add_argument("--seed", type=int, default=42, help="image k of the run uses seed + k")
+    p.add_argument("--seed", type=cli.SEED, default=42, help="image k of the run uses seed + k")
     p.add_argument("--skip_grid", "--skip-grid", dest="skip_grid", action="store_true",
                    help="do not write the grid of all the run's images")
     args = p.parse_args(argv)
@@ -51,7 +51,11 @@ def parse_args(argv=None):
     if args.from_file:
         if not Path(args.from_file).is_file():
             p.error(f"--from-file {args.from_file}: no such file")
-        args.prompts = [line.strip() for line in Path(args.from_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(args.from_file).read_bytes().decode()
+        except UnicodeDecodeError as e:
+            p.error(f"--from-file {args.from_file}: not text ({e})")
+        args.prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not args.prompts:
             p.error(f"--from-file {args.from_file}: no prompts in it")
     else:
@@ -60,8 +64,16 @@ def parse_args(argv=None):
     return args
 
 
+def written(outdir, n):
+    """What a failed run leaves, for its one-line error."""
+    if not n:
+        return "no image was written"
+    return f"the image before it is in {outdir}" if n == 1 else f"the {n} images before it are in {outdir}"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    cli.check_outdir("sample.py", "--outdir", args.outdir)
     sd = cli.load_model(args, "sample.py")
     cli.sampling_defaults(args, sd, scale=SCALE)
     height, width = args.H or sd.resolution, args.W or sd.resolution
@@ -82,11 +94,15 @@ def main(argv=None):
     with cli.progress(total=len(prompts), desc="sampling", unit="image") as bar:
         for start in range(0, len(prompts), args.n_samples):
             batch, batch_seeds = prompts[start:start + args.n_samples], seeds[start:start + args.n_samples]
-            batch_images = generate(sd, batch, batch_seeds, args.negative_prompt, args.ddim_steps, args.scale,
-                                    args.ddim_eta, height, width, progress=cli.interactive(),
-                                    precision=args.precision)
+            try:
+                batch_images = generate(sd, batch, batch_seeds, args.negative_prompt, args.ddim_steps, args.scale,
+                                        args.ddim_eta, height, width, progress=cli.interactive(),
+                                        precision=args.precision)
+            except ValueError as e:  # latents that are not finite: black images
+                raise SystemExit(f"sample.py: error: {e}; {written(outdir, start)}") from None
             for k, (prompt, seed, image) in enumerate(zip(batch, batch_seeds, batch_images), start=start):
-                save_png(image, outdir / f"{first + k:05d}.png", parameters(prompt, seed))
+                cli.save_image("sample.py", image, outdir / f"{first + k:05d}.png", parameters(prompt, seed),
+                               written(outdir, k))
             images += batch_images
             bar.update(len(batch))
 
@@ -94,7 +110,8 @@ def main(argv=None):
     if not args.skip_grid and len(images) > 1:
         grid = outdir / f"grid-{next_index(outdir, prefix='grid-'):04d}.png"
         # A1111 labels a grid by its first image
-        save_png(image_grid(images, cols=args.n_samples), grid, parameters(prompts[0], seeds[0]))
+        cli.save_image("sample.py", image_grid(images, cols=args.n_samples), grid, parameters(prompts[0], seeds[0]),
+                       written(outdir, len(images)))
         where += f" and the grid {grid}"
     print(f"wrote {len(images)} image{'s' * (len(images) > 1)}: {where}")
 

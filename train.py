@@ -21,6 +21,7 @@ train_settings.py; the optimizer and the CUDA graph in dreambooth/speed.py.
 """
 import copy
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,14 @@ import dreambooth  # noqa: E402
 from dreambooth import speed  # noqa: E402
 from dreambooth.data import Photos, encode_posteriors  # noqa: E402
 from dreambooth.ddim import add_noise  # noqa: E402
-from dreambooth.files import why_write_failed, write_atomic  # noqa: E402
+from dreambooth.files import replace_all, why_write_failed, write_atomic  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
-from dreambooth.images import a1111_parameters, image_grid, list_images, load_images, save_png  # noqa: E402
+from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, save_png,  # noqa: E402
+                               skipped_images)
 from dreambooth.lora import LoRA, kohya_metadata, save_lora  # noqa: E402
 from dreambooth.runlog import Log, Stopped  # noqa: E402
-from train_settings import manifest_prompts, parse_args, resolve_defaults  # noqa: E402
+from dreambooth.torchfile import first_line  # noqa: E402
+from train_settings import claim_run_folder, manifest_prompts, parse_args, resolve_defaults  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One training step: the loss, what a step draws, and the step itself.
@@ -205,6 +208,8 @@ def load_model_and_photos(args, device):
     try:
         instance_paths = list_images(args.instance)
         prior_paths = list_images(args.prior) if args.prior else []
+        for path in skipped_images(args.instance) + (skipped_images(args.prior) if args.prior else []):
+            print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
         if args.prior and len(prior_paths) < len(instance_paths):
             raise ValueError(f"--prior {args.prior} has {len(prior_paths)} images, fewer than the {len(instance_paths)}"
                              f" in --instance; make more with: python make_prior.py --class {args.class_name} "
@@ -288,34 +293,25 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-
+# main(): the run folder is this run's alone (train_settings.claim_run_folder), then setup, resume, the loop.
 
 def main(argv=None):
     args, state = parse_args(argv)
     resolve_defaults(args)
+    with claim_run_folder(args, state):
+        setup_and_train(args, state)
+
+
+def setup_and_train(args, state):
     out, device = Path(args.out), torch.device(args.device)
-    if not args.resume and out.exists() and any(out.iterdir()):
-        raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
-                         "choose another folder, or continue that run with --resume")
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, n_instance, prior_prompts = load_model_and_photos(args, device)
     preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
     step, optimizer, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
-    start = 0
-    if state:  # the trained weights, the optimizer and the data generator where the run stopped
-        for name, weights in state["weights"].items():
-            trained[name].load_state_dict(weights)
-        try:
-            optimizer.load_state_dict(state)
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: --resume {args.resume}: {e}; keep the run's --precision, --clip-grad "
-                             "and --no-step-in-backward, which decide whether the optimizer steps inside backward")
-        generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
-        start = state["step"]
+    start = resume(args, state, trained, optimizer, generator) if state else 0
     if start >= args.steps:
         print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
         return
-    out.mkdir(parents=True, exist_ok=True)
     print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
           f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {len(prior_prompts)} prior images at "
           f"{args.resolution} px; run folder {out}")
@@ -327,30 +323,54 @@ def main(argv=None):
         raise SystemExit(f"train.py: error: {e}") from None
 
 
+def resume(args, state, trained, optimizer, generator):
+    """The trained weights, the optimizer and the data generator where the run stopped; returns its step."""
+    try:
+        for name, weights in state["weights"].items():
+            trained[name].load_state_dict(weights)
+        generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise SystemExit(f"train.py: error: --resume {args.resume}: train_state.pt does not fit this run "
+                         f"({first_line(e)})") from None
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: --resume {args.resume}: {e}; keep the run's --precision, --clip-grad "
+                         "and --no-step-in-backward, which decide whether the optimizer steps inside backward")
+    return state["step"]
+
+
 def lr_at(step, args):
     """Linear warm-up over --warmup-steps, then constant as in the seed."""
     return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
 
 
 def save(out, sd, trained, optimizer, step, args, generator, log):
-    """model.safetensors (fp16, the original CompVis key layout), then train_state.pt, each written atomically, so a
-    failed write (a full disk, said in one line) loses nothing: the previous save stays as it was."""
+    """model.safetensors (fp16, the original CompVis key layout) or lora.safetensors, and train_state.pt, all of one
+    step: each is written whole into the staging folder out/.saving, then all are renamed into place
+    (files.replace_all). So a failed write (a full disk, said in one line) leaves the folder as the last good save
+    left it, and a folder never holds a model of one step beside the train state of another."""
     state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
              **optimizer.state_dict(), "data_rng": generator.get_state(), "log": log.state()}
+    staging = out / ".saving"
     try:
+        shutil.rmtree(staging, ignore_errors=True)  # what a run killed while saving left
+        staging.mkdir()
         if not args.lora:
-            dreambooth.save(sd, out / "model.safetensors")
+            dreambooth.save(sd, staging / "model.safetensors")
         else:
             comment = (f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
                        f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step")
-            save_lora(trained["lora"], out / "lora.safetensors", kohya_metadata(
+            save_lora(trained["lora"], staging / "lora.safetensors", kohya_metadata(
                 args.lora, args.lora_alpha, Path(args.ckpt).name, learning_rate=args.lr, steps=step,
                 max_train_steps=args.steps, seed=args.seed, resolution=args.resolution, training_comment=comment))
             if args.save_merged:
                 with trained["lora"].merged():
-                    dreambooth.save(sd, out / "model.safetensors")
-        write_atomic(out / "train_state.pt", lambda tmp: torch.save(state, tmp))
+                    dreambooth.save(sd, staging / "model.safetensors")
+        write_atomic(staging / "train_state.pt", lambda tmp: torch.save(state, tmp))
+        replace_all(staging, out)
     except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
         params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
         trained_params = sum(p.numel() for m in trained.values() for p in m.parameters())
         need = 2 * params + 12 * trained_params  # the fp16 model; the fp32 trained weights and their two moments
@@ -376,7 +396,10 @@ def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
                 if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                     with log.peak_not_counted():
                         grid = out / "samples" / f"step-{step:05d}.png"
-                        preview(preview_sd, sample_prompts, sample_seeds, args, grid)
+                        try:
+                            preview(preview_sd, sample_prompts, sample_seeds, args, grid)
+                        except ValueError as e:  # generate's non-finite latents: the weights have diverged
+                            raise log.stop(f"the preview after step {step} failed: {e}", diverged=True) from None
                 if (args.save_every and step % args.save_every == 0) or step == args.steps or stop:
                     log.check(step)
                     if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):

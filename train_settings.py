@@ -1,9 +1,10 @@
 """train.py's settings: its flags, their checks, and the defaults that depend on other settings, the machine or a
-resumed run. Defaults follow the seed (the original DreamBooth fine-tuning of sd-v1-4): lr 1e-6, 800 steps, batch
-1 + 1; with --ckpt toy, cli.TOY_DEFAULTS.
+resumed run, and the run folder they name. Defaults follow the seed (the original DreamBooth fine-tuning of
+sd-v1-4): lr 1e-6, 800 steps, batch 1 + 1; with --ckpt toy, cli.TOY_DEFAULTS.
 
-    args, state = parse_args(argv)   # state: the run's train_state.pt with --resume, else None
-    resolve_defaults(args)           # what depends on the device, --lora, the prior folder or the time
+    args, state = parse_args(argv)          # state: the run's train_state.pt with --resume, else None
+    resolve_defaults(args)                  # what depends on the device, --lora, the prior folder or the time
+    with claim_run_folder(args, state):     # --out / --resume is this process's alone until the run ends
 """
 import argparse
 import json
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 
 import cli
+from dreambooth.files import LOCK_NAME, FolderInUse, lock_folder
+from dreambooth.torchfile import CheckpointError, read_pickle
 
 
 def parser():
@@ -34,8 +37,8 @@ def parser():
     p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
                                                  "(the photos are encoded with the checkpoint's own)")
-    p.add_argument("--resolution", type=cli.IMAGE_SIZE, help="image size, a multiple of 8; default the model's (512; "
-                                                             "toy: 64)")
+    p.add_argument("--resolution", type=cli.TRAIN_RESOLUTION, help="image size, a multiple of 8 from 64; default the "
+                                                                   "model's (512; toy: 64)")
     p.add_argument("--steps", type=cli.number(low=1), default=800, help="optimizer steps in total")
     p.add_argument("--batch-size", type=cli.number(low=1), default=1,
                    help="subject images per step, plus as many prior images")
@@ -56,11 +59,11 @@ def parser():
     p.add_argument("--lora", type=cli.number(), default=0, metavar="RANK",
                    help="train LoRA adapters of this rank instead of the whole model, written to lora.safetensors "
                         "(kohya's format); 0 = off")
-    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
+    p.add_argument("--lora-alpha", type=cli.number(float), help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
                                                     "default RANK")
     p.add_argument("--save-merged", action="store_true", help="with --lora, also write the model with the LoRA "
                                                               "merged in as model.safetensors")
-    p.add_argument("--seed", type=int, default=42, help="seed of all randomness: data order, flips, noise, t")
+    p.add_argument("--seed", type=cli.SEED, default=42, help="seed of all randomness: data order, flips, noise, t")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ...; default cuda if available, else cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
                                                                          "Default bf16 on CUDA, fp32 elsewhere")
@@ -91,10 +94,11 @@ def parse_args(argv=None):
     if not args.resume:
         args = cli.with_toy_defaults(p, args, argv, "train.py")
     if args.resume:
-        path = Path(args.resume) / "train_state.pt"
-        if not path.is_file():
-            p.error(f"--resume {args.resume}: no train_state.pt in it")
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not (Path(args.resume) / "train_state.pt").is_file():
+            unsaved = (Path(args.resume) / "log.jsonl").is_file()
+            p.error(f"--resume {args.resume}: no train_state.pt in it" + (
+                f" (the run stopped before its first save; start it again with --out {args.resume})" if unsaved else ""))
+        state = read_train_state(args.resume)
         p.set_defaults(**state["args"])
         args = p.parse_args(argv)
         args.out = args.resume
@@ -124,12 +128,85 @@ def resolve_defaults(args):
     args.out = args.out or f"runs/{args.class_name or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+# What a run leaves in its folder before its first save: a fresh run may start again over it.
+UNSAVED = {"log.jsonl", "samples", ".saving"}
+
+
+def claim_run_folder(args, state):
+    """The run folder's lock (files.lock_folder), taken before any work and held until it is closed (or the process
+    ends, however it ends: the OS releases it, so a killed run never blocks its --resume). A second run of the
+    folder, fresh or --resume, is refused in one line. A fresh run needs the folder empty, or holding only what a
+    run that stopped before its first save left; a --resume, the train state it read. Returns the lock file."""
+    out = Path(args.out)
+    flag = f"--resume {out}" if args.resume else f"--out {out}"
+    if not args.resume and not (out / LOCK_NAME).exists():
+        check_fresh_folder(out)  # before the lock too, so that a folder of other things gets no lock file
+    try:
+        lock = lock_folder(out)
+    except FolderInUse as e:
+        raise SystemExit(f"train.py: error: {flag}: {e}; one run at a time in a run folder") from None
+    except OSError as e:
+        raise SystemExit(f"train.py: error: {flag}: cannot write there ({e.strerror or e})") from None
+    try:
+        if args.resume and read_train_state(out)["step"] != state["step"]:
+            raise SystemExit(f"train.py: error: --resume {out}: another run saved there while this one started; "
+                             "run the command again")
+        if not args.resume and check_fresh_folder(out):
+            print(f"note: {out} holds only the log or previews of a run that stopped before its first save; "
+                  "starting afresh there")
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def check_fresh_folder(out):
+    """Whether --out holds the leftovers of a run that never saved (UNSAVED); one line if it holds anything else."""
+    names = {path.name for path in out.iterdir()} - {LOCK_NAME} if out.is_dir() else set()
+    if not names <= UNSAVED:
+        raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
+                         "choose another folder, or continue that run with --resume")
+    return bool(names)
+
+
+# What train_state.pt holds besides the optimizer's state (train.save writes it).
+TRAIN_STATE = {"step": int, "args": dict, "weights": dict, "data_rng": torch.Tensor}
+
+
+def read_train_state(folder):
+    """The train_state.pt of a run folder, read as safely as a .ckpt (dreambooth.torchfile: nothing in it runs), or
+    one line naming the file and what is wrong with it."""
+    path = Path(folder) / "train_state.pt"
+    try:
+        state = read_pickle(path)
+    except CheckpointError as e:
+        raise SystemExit(f"train.py: error: --resume {folder}: {e}") from None
+    wrong = next((key for key, kind in TRAIN_STATE.items() if not isinstance(state, dict)
+                  or not isinstance(state.get(key), kind)), None)
+    if wrong:
+        raise SystemExit(f"train.py: error: --resume {folder}: {path} is not a train state that train.py wrote "
+                         f"(no {wrong})")
+    return state
+
+
 def manifest_prompts(folder):
     """{file name: prompt} of the images a prior folder's manifest.jsonl lists (make_prior.py writes one line per
     image), in its order; {} without a folder or a manifest."""
     manifest = Path(folder or "", "manifest.jsonl")
-    lines = manifest.read_text().splitlines() if folder and manifest.is_file() else []
+    if not (folder and manifest.is_file()):
+        return {}
     try:
-        return {record["file"]: record["prompt"] for record in map(json.loads, lines)}
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"train.py: error: {manifest} is not make_prior.py's manifest ({e!r})") from None
+        lines = manifest.read_bytes().decode().splitlines()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"train.py: error: {manifest} is not make_prior.py's manifest (not text: {e})") from None
+    prompts = {}
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            file, prompt = record["file"], record["prompt"]
+            if not (isinstance(file, str) and isinstance(prompt, str)):
+                raise TypeError(f"file {file!r} and prompt {prompt!r} are not both strings")
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"train.py: error: {manifest} line {n} is not make_prior.py's manifest ({e!r})") from None
+        prompts[file] = prompt
+    return prompts

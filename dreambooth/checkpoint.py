@@ -13,14 +13,12 @@ shape, strict `load_state_dict`. Files are memory-mapped and the models are buil
 device, taking the file's tensors with `assign=True` (cast to the wanted dtype one by one), so
 loading never holds two copies of the weights.
 
-A `.ckpt` is a zip holding a pickle, and unpickling can run any code the file names. We only
-unpickle with torch's `weights_only` unpickler, which rebuilds tensors and plain containers and
-refuses everything else. sd-v1-4.ckpt also names one PyTorch Lightning class (it keys the
-`callbacks` metadata); names from Lightning become an inert placeholder, any other name is refused.
+A `.ckpt` is a zip holding a pickle, and unpickling can run any code the file names: torchfile.py reads it
+without running anything. What it holds is then checked as data: a dict of dense tensors under string names, the
+weights finite, reached through at most a few Lightning-style "state_dict" wrappers.
 """
+import math
 import os
-import pickle
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from .ddim import sd_alphas_cumprod
 from .files import write_atomic
 from .stable_diffusion import StableDiffusion
 from .tokenizer import Tokenizer
+from .torchfile import CheckpointError, first_line, read_pickle
 from .unet import UNetConfig, UNetModel
 from .vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
@@ -52,17 +51,12 @@ IGNORED = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar",
 }
-LIGHTNING = ("pytorch_lightning.", "lightning.", "lightning_fabric.")
 
 
 # Where the programs look when --ckpt is not given, in this order (relative to the working folder; cli.py), before
 # they fall back on the toy model: SD v1's architecture at toy width, trained by make_toy.py on drawn shapes.
 DEFAULT_FILES = ("weights/sd-v1-4.ckpt", "weights/sd-v1-4.safetensors")
 TOY_FILE = Path(__file__).with_name("toy.safetensors")
-
-
-class CheckpointError(ValueError):
-    """A file that is not a Stable Diffusion v1 checkpoint we can load (the message says why)."""
 
 
 def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool = False) -> StableDiffusion:
@@ -92,7 +86,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     text_encoder = _assign(path, text_encoder, parts[CLIP], lambda k: CLIP + k, device, dtype)
     return StableDiffusion(Tokenizer(), text_encoder, unet, vae, sd_alphas_cumprod().to(device),
                            name=name or path.name, resolution=64 if unet.config == UNetConfig.tiny() else 512,
-                           latent_scale=float(_metadata(path).get("latent_scale", LATENT_SCALE)))
+                           latent_scale=latent_scale(path))
 
 
 # Keys of published VAE files that load_vae reads past on purpose: LitEma's bookkeeping (the EMA weights themselves
@@ -197,11 +191,29 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(path, framework="pt") as f:
                 return {key: f.get_tensor(key) for key in f.keys()}
         except SafetensorError as e:
-            raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path} is truncated or corrupt (not a zip archive as torch.save writes)")
-    obj = _unpickle(path)
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning: {"state_dict": ..., ...}
+            raise CheckpointError(f"{path} is truncated or corrupt ({first_line(e)})") from None
+    state = _state_dict(path, read_pickle(path))
+    for key, tensor in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is not a name; a state dict's keys are strings")
+        if tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized:
+            kind = "meta" if tensor.is_meta else "quantized" if tensor.is_quantized else str(tensor.layout)
+            raise CheckpointError(f"{path}: {key} is a {kind} tensor; a checkpoint holds dense weights")
+    return state
+
+
+# How many {"state_dict": ...} wrappers read_tensors looks through: Lightning's one, and a little room.
+MAX_WRAPPERS = 4
+
+
+def _state_dict(path: Path, obj) -> dict:
+    """The dict of tensors in an unpickled .ckpt: obj itself, or inside Lightning's {"state_dict": ..., ...}.
+    A pickle can build a dict that holds itself, so the walk is bounded and never revisits a dict."""
+    seen = set()
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        if id(obj) in seen or len(seen) == MAX_WRAPPERS:
+            raise CheckpointError(f"{path}: its state_dict entries nest in a loop or more than {MAX_WRAPPERS} deep")
+        seen.add(id(obj))
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
@@ -221,45 +233,27 @@ def vae_groups(path: Path, weights: dict[str, torch.Tensor]) -> dict[str, int]:
     return {"norm_groups": int(value)}
 
 
+def latent_scale(path: Path) -> float:
+    """The latent scale the file's metadata names (save writes it where it is not SD v1's), else SD v1's. The UNet
+    works on latents times it and the decoder divides by it, so it must be a finite number above 0."""
+    value = _metadata(path).get("latent_scale")
+    if value is None:
+        return LATENT_SCALE
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = math.nan
+    if not math.isfinite(scale) or scale <= 0:
+        raise CheckpointError(f"{path}: metadata latent_scale is {value!r}, not a number above 0")
+    return scale
+
+
 def _metadata(path: Path) -> dict[str, str]:
     """A .safetensors file's string metadata (a .ckpt has none)."""
     if path.suffix != ".safetensors":
         return {}
     with safe_open(path, framework="pt") as f:
         return f.metadata() or {}
-
-
-def _unpickle(path: Path):
-    """torch.load with the weights_only unpickler; Lightning classes become _LightningName."""
-    try:  # the names of all classes and functions the pickle would use, read without running it
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:
-        raise CheckpointError(f"refusing to load {path}: cannot check its pickle ({_first_line(e)})") from None
-    for name in names:
-        if not name.startswith(LIGHTNING):
-            raise CheckpointError(f"refusing to load {path}: it asks to run {name}")
-    try:
-        with torch.serialization.safe_globals([(_LightningName, name) for name in names]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: {_first_line(e)}") from None
-    except (RuntimeError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({_first_line(e)})") from None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().split("\n")[0]
-
-
-class _LightningName:
-    """Stands in for a PyTorch Lightning class named in a .ckpt's metadata. Lightning is never
-    imported; whatever the pickle hands this placeholder is dropped."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
 
 
 def _check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -360,6 +354,17 @@ def _assign(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     for key in tensors:
         if key not in expected:
             raise CheckpointError(f"{path}: unexpected key {file_key(key)}")
-    # To the device first, then cast: on a GPU the cast runs there, and an fp16 file sends half the bytes.
-    model.load_state_dict({k: t.to(device).to(dtype) for k, t in tensors.items()}, strict=True, assign=True)
+    model.load_state_dict(_finite(path, tensors, file_key, device, dtype), strict=True, assign=True)
     return model.eval()
+
+
+def _finite(path: Path, tensors: dict[str, torch.Tensor], file_key, device, dtype) -> dict[str, torch.Tensor]:
+    """The tensors on `device` as `dtype`, each checked to be finite: one nan weight makes every image black
+    (and a value beyond float16's range becomes inf when cast to it)."""
+    out = {}
+    for key, t in tensors.items():
+        # To the device first, then cast: on a GPU the cast runs there, and an fp16 file sends half the bytes.
+        out[key] = t.to(device).to(dtype)
+        if out[key].is_floating_point() and not out[key].isfinite().all():
+            raise CheckpointError(f"{path}: {file_key(key)} holds values that are not finite (nan or inf) as {dtype}")
+    return out

@@ -41,12 +41,20 @@ def ddim_timesteps(steps: int, num_train_steps: int = 1000) -> torch.Tensor:
     """The training timesteps a DDIM run of `steps` steps visits, in the order it visits them.
 
     Evenly spaced and offset by one, as in the CompVis code and diffusers' `steps_offset=1`:
-    981, 961, ..., 21, 1 for 50 steps.
+    981, 961, ..., 21, 1 for 50 steps, k * (1000 // steps) + 1 for k = 0..steps-1.
+
+    That rule spaces the steps by a whole number, so it spans steps * (1000 // steps) of the 1000 timesteps: all of
+    them for 50 steps, 990 for 30, but 600 for 600 steps (the stride is 1), which would start sampling pure noise
+    as if it were the far less noisy x_600. Where it spans less than nine tenths, the steps are spaced by the exact
+    fraction instead, floor(k * 1000 / steps) + 1, whose first timestep is within one spacing of 999.
     """
     if not 1 <= steps < num_train_steps:
         raise ValueError(f"the number of DDIM steps must be between 1 and {num_train_steps - 1}, got {steps}")
     stride = num_train_steps // steps
-    return (torch.arange(steps) * stride + 1).flip(0)
+    k = torch.arange(steps)
+    if steps * stride >= 0.9 * num_train_steps:
+        return (k * stride + 1).flip(0)
+    return (k * num_train_steps // steps + 1).flip(0)
 
 
 def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:

@@ -9,6 +9,7 @@ RNG: one image of a batch can be regenerated alone. (On the same machine and bat
 bit-for-bit the same; a different batch size can change the last bits of the floating-point arithmetic.)
 """
 import contextlib
+import math
 
 import torch
 from PIL import Image
@@ -33,9 +34,12 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
     scripts do); "full" and any CPU run stay in the models' own dtype. A caller's own autocast context is kept.
     On CUDA the UNet's weights are put in channels_last (the layout of cuDNN's convolutions; the values are the
     same) and, with cuda_graph, its guided call is replayed from a CUDA graph (speed.CUDAGraph).
+    Sampled latents that are not finite raise ValueError: they would decode to black images.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    if not (math.isfinite(scale) and math.isfinite(eta)):
+        raise ValueError(f"generate: the guidance scale {scale} and eta {eta} must be finite numbers")
     height, width = height or sd.resolution, width or sd.resolution
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"image size {width}x{height}: height and width must be positive multiples of 8")
@@ -54,6 +58,9 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
             graph = CUDAGraph(eps_fn)
             eps_fn = lambda x, t: graph(x, torch.full((), t, device=x.device))  # noqa: E731 (t: a recorded input)
         latents = ddim_sample(eps_fn, latents, sd.alphas_cumprod, steps, eta, generators, progress)
+        if not latents.isfinite().all():  # it would decode to black images
+            raise ValueError("the sampled latents are not finite (nan or inf): the model overflows with these weights "
+                             "and settings (a LoRA's scale, the guidance scale, fp16)")
         vae_dtype = next(sd.vae.parameters()).dtype
         images = sd.vae.decode((latents / sd.latent_scale).to(vae_dtype), slice_size)  # the VAE works unscaled
     return [to_pil(img) for img in images]

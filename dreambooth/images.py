@@ -17,6 +17,12 @@ from PIL import Image, ImageOps, PngImagePlugin
 from .files import write_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# What a photo is opened as, whatever its name says: Pillow would otherwise try every format it knows, and some of
+# them hand the file to another program (an EPS file named x.jpg runs Ghostscript).
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Image files that list_images passes over, so that a caller can say so (skipped_images).
+OTHER_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".eps",
+                        ".svg", ".ppm", ".pgm", ".pbm", ".tga", ".dng")
 
 
 def list_images(folder) -> list[Path]:
@@ -31,6 +37,11 @@ def list_images(folder) -> list[Path]:
     if not files:
         raise ValueError(f"{folder}: no images in it ({' '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def skipped_images(folder) -> list[Path]:
+    """The files directly inside `folder` that are images in a format list_images does not read (GIF, TIFF, HEIC...)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in OTHER_IMAGE_SUFFIXES and p.is_file())
 
 
 def load_image(path, resolution: int) -> torch.Tensor:
@@ -55,11 +66,15 @@ def _open(path) -> Image.Image:
     """The image upright by its EXIF tag, in RGB with transparent parts white."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=FORMATS) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{path}: cannot read image (not a JPEG, PNG, WebP or BMP file)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
+    if img.mode.startswith("I"):  # 16-bit greyscale PNG ("I;16", "I"): convert("L") would clip it to white
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")

@@ -18,6 +18,7 @@ The file is kohya's format: for each adapted layer `<name>.lora_down.weight`, `<
 underscores. Our layers keep their CompVis names; kohya_name() renames them.
 """
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -158,6 +159,8 @@ def load_lora(sd, path: str | os.PathLike, scale: float = 1.0) -> None:
     one raises CheckpointError, one line naming the file and why (a LoRA for SD 2.x or SDXL, LyCORIS keys, a full
     model, a key that names no layer of ours)."""
     path = Path(path)
+    if not math.isfinite(scale):
+        raise ValueError(f"{path}: the scale {scale} is not a finite number")
     adapters = _read_adapters(path, read_tensors(path))
     layers = target_layers(sd, text_encoder=True)
     for name, (down, up, alpha) in adapters.items():
@@ -170,6 +173,8 @@ def load_lora(sd, path: str | os.PathLike, scale: float = 1.0) -> None:
         if shape != weight.shape:
             raise CheckpointError(f"{path}: {name} is for a layer of shape {list(shape)}, SD v1's is "
                                   f"{list(weight.shape)}: a LoRA for another model (SD 2.x?)")
+        if not (scale * delta(down, up, alpha)).to(weight.dtype).isfinite().all():
+            raise CheckpointError(f"{path}: {name} at scale {scale:g} changes its layer by values that are not finite")
     with torch.no_grad():
         for name, (down, up, alpha) in adapters.items():
             weight = layers[name].weight
@@ -205,5 +210,12 @@ def _read_adapters(path: Path, state: dict[str, torch.Tensor]) -> dict[str, tupl
         if missing:
             raise CheckpointError(f"{path}: {name} has no {missing}")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        out[name] = (down, up, float(parts["alpha"]) if "alpha" in parts else down.shape[0])  # no alpha: alpha = r
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or not 0 < down.shape[0] == up.shape[1]:
+            raise CheckpointError(f"{path}: {name} has lora_down {list(down.shape)} and lora_up {list(up.shape)}, "
+                                  "not [rank, in] and [out, rank] with a rank above 0")
+        alpha = parts.get("alpha", torch.tensor(down.shape[0]))  # no alpha: alpha = r
+        if alpha.numel() != 1 or not alpha.isfinite().all():
+            what = f"{alpha.numel()} values" if alpha.numel() != 1 else alpha.item()
+            raise CheckpointError(f"{path}: {name}.alpha is {what}, not one finite number")
+        out[name] = (down, up, alpha.item())
     return out

@@ -21,11 +21,12 @@ class Stopped(Exception):
 
 
 def logged_step(line):
-    """The step of a log.jsonl row; infinity for a row cut short by a crash, so that it is dropped."""
+    """The step of a log.jsonl row; infinity for a row cut short by a crash (or garbled), so that it is dropped."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+    return step if isinstance(step, int) else math.inf
 
 
 class Log:
@@ -33,9 +34,10 @@ class Log:
         self.path, self.out, self.start, self.steps = out / "log.jsonl", out, start, steps
         self.saved_step = start or None  # the step of the last good save
         if start and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if logged_step(line) <= start]
+            text = self.path.read_bytes().decode(errors="replace")  # bytes that are not text make rows that drop
+            rows = [line for line in text.splitlines() if logged_step(line) <= start]
             write_atomic(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in rows)))
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a" if start else "w")  # a fresh run starts the log of one that never saved
         self.pending, self.losses = [], list(saved["losses"]) if saved else []
         self.time, self.t0 = (saved["time"] if saved else 0.0), time.time()
         self.plain_lines, self.device, self.peak = plain_lines, torch.device(device), 0.0
@@ -49,7 +51,8 @@ class Log:
         values = torch.stack(self.pending).tolist() if self.pending else []
         for k, (loss, *_) in enumerate(values):
             if not math.isfinite(loss):
-                raise self.stop(f"loss is {loss} at step {step - len(values) + k + 1}", diverged=True)
+                at = step - len(values) + k + 1  # the first step's loss comes before any update: not the --lr
+                raise self.stop(f"loss is {loss} at step {at}", diverged=at > self.start + 1)
         self.losses += values
         self.pending.clear()
 

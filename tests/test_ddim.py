@@ -42,6 +42,28 @@ def test_timesteps_for_50_steps_are_offset_by_one():
     assert ddim_timesteps(50).tolist() == list(range(981, 0, -20))
 
 
+def test_every_accepted_step_count_starts_near_the_top_and_never_repeats():
+    """For each count --ddim_steps accepts: that many timesteps, strictly decreasing from near 999 to 1. SD's rule,
+    k * (1000 // steps) + 1, started 600 steps at t = 600 (the stride is 1 above 500) and 334 steps at 667; the
+    first timestep is now within a tenth of the schedule plus one spacing of the top."""
+    for steps in range(1, 1000):
+        t = ddim_timesteps(steps).tolist()
+        assert len(t) == steps and t[-1] == 1 and t[0] <= 999, steps
+        assert all(a > b for a, b in zip(t, t[1:])), steps
+        assert 999 - t[0] < 100 + 1000 / steps, (steps, t[0])
+
+
+@torch.no_grad()
+def test_many_steps_sample_what_fewer_steps_do():
+    """DDIM follows one ODE: 334 to 999 steps land close to where 500 do (a divisor of 1000, SD's own spacing). With
+    600 steps started at t = 600, pure noise was taken for a far less noisy latent and the result drifted."""
+    eps_fn = ToyEps()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference = ddim_sample(eps_fn, x, sd_alphas_cumprod(), 500)
+    for steps in (334, 600, 777, 999):  # within 0.005 of it now; 0.17 off at 600 steps before
+        assert (ddim_sample(eps_fn, x, sd_alphas_cumprod(), steps) - reference).abs().max() < 0.02, steps
+
+
 @pytest.mark.parametrize("steps", [0, 1000, -3])
 def test_bad_step_counts_are_refused(steps):
     with pytest.raises(ValueError, match="DDIM steps"):

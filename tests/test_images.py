@@ -56,6 +56,33 @@ def test_load_image_accepts_any_colour_mode(tmp_path, mode):
     assert img.shape == (3, 32, 32) and img.min() >= -1 and img.max() <= 1
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
+
+
+def test_photos_are_opened_only_as_the_listed_formats(tmp_path):
+    """Whatever the file's name, only JPEG, PNG, WebP and BMP are decoded: Pillow would open any format it knows, and
+    EPS hands the file to Ghostscript. A PNG named .jpg still loads (the content decides, among the four)."""
+    (tmp_path / "eps.jpg").write_bytes(EPS)
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "tiff.png", format="TIFF")
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "gif.jpeg", format="GIF")
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "ppm.bmp", format="PPM")
+    for name in ("eps.jpg", "tiff.png", "gif.jpeg", "ppm.bmp"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: cannot read image \(not a JPEG, "
+                                             r"PNG, WebP or BMP file\)$"):
+            load_image(tmp_path / name, 8)
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(tmp_path / "png.jpg", format="PNG")
+    assert load_image(tmp_path / "png.jpg", 8).min() == 1
+
+
+def test_16_bit_greyscale_keeps_its_tones(tmp_path):
+    """A 16-bit greyscale PNG (0..65535) used to be clipped at 255: all but its darkest 0.4 % turned white."""
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.frombytes("I;16B", (64, 64), ramp.astype(">u2").tobytes()).save(tmp_path / "ramp.png")
+    img = load_image(tmp_path / "ramp.png", 64)
+    expected = torch.from_numpy((ramp / 257).round() / 127.5 - 1).float()
+    torch.testing.assert_close(img, expected.expand(3, -1, -1), atol=2 / 255, rtol=0)
+
+
 def test_transparent_pixels_become_white(tmp_path):
     Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     torch.testing.assert_close(load_image(tmp_path / "clear.png", 32), torch.ones(3, 32, 32))
@@ -113,6 +140,15 @@ def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(Exception):
         save_png(Image.new("RGB", (0, 0)), path)  # PIL cannot write an empty image
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["00000.png"]
+
+
+def test_a_write_that_cannot_start_raises_its_own_error_only(tmp_path):
+    """Writing under a file fails at once; cleaning up the temporary file that was never made must not raise a second
+    error over the first (it did: NotADirectoryError during handling of NotADirectoryError)."""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(NotADirectoryError) as e:
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "file" / "00000.png")
+    assert e.value.__context__ is None
 
 
 def test_next_index(tmp_path):

@@ -137,7 +137,7 @@ def test_training_writes_a_lora_diffusers_loads_and_resumes_exactly(photos, tmp_
     run(photos, straight, "--steps", "4", *flags, "--save-merged")
     run(photos, out, "--steps", "2", *flags)
     train.main(["--resume", str(out), "--steps", "4"])
-    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "lora.safetensors", "train_state.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "log.jsonl", "lora.safetensors", "train_state.pt"]
     resumed, expected = load_file(out / "lora.safetensors"), load_file(straight / "lora.safetensors")
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
     assert (out / "train_state.pt").stat().st_size < 5e6  # the adapters and their moments, not the model

@@ -65,10 +65,9 @@ def test_resume_after_interruption_gives_the_same_set(reference, tmp_path, monke
 def test_images_without_a_finished_manifest_line_are_made_again(reference, tmp_path):
     outdir = shutil.copytree(reference, tmp_path / "dog")
     lines = (outdir / "manifest.jsonl").read_text().splitlines(keepends=True)
-    # The run "died" after writing 00003.png (here: garbage) but before its manifest line was complete, and
-    # before 00004.png was started.
+    # The run "died" after writing 00003.png (whole: PNGs are written atomically) but before its manifest line was
+    # complete, and before 00004.png was started.
     (outdir / "manifest.jsonl").write_text("".join(lines[:3]) + lines[3][:20])
-    (outdir / "00003.png").write_bytes(b"half-written")
     (outdir / "00004.png").unlink()
     make_prior.main(FLAGS + ["--outdir", str(outdir)])
     assert contents(outdir) == contents(reference)

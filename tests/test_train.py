@@ -208,7 +208,8 @@ def test_short_run_learns_and_writes_a_usable_run(photos, tmp_path, capsys):
     run(photos, out, "--steps", "30", "--lr", "1e-3", "--sample-every", "30", "--sample-steps", "2",
         instance="one", prior=None)
     assert "prior preservation" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "model.safetensors", "samples", "train_state.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "log.jsonl", "model.safetensors", "samples",
+                                                     "train_state.pt"]
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [10, 20, 30]
     grid = Image.open(out / "samples" / "step-00030.png")
     assert grid.size == (5 * 64, 64)  # instance prompt, three edits, prior prompt
@@ -491,7 +492,7 @@ def test_bad_inputs_are_named(photos, tmp_path, capsys):
     assert "no train_state.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(photos, tmp_path / "e", "--resolution", "30")
-    assert "argument --resolution: 30: must be a positive multiple of 8" in capsys.readouterr().err
+    assert "argument --resolution: 30: must be a multiple of 8, at least 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused before training, not at the first preview
         run(photos, tmp_path / "f", "--sample-steps", "1000")
     assert "argument --sample-steps: 1000: must be from 1 to 999" in capsys.readouterr().err
