@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import dreambooth
 from dreambooth import files, toyworld
-from dreambooth.checkpoint import DEFAULT_FILES
+from dreambooth.checkpoint import DEFAULT_FILES, TOY_FILE, sampling_settings
 from dreambooth.images import save_png
 
 
@@ -76,8 +76,15 @@ SEED = number(low=0, high=2**63 - 1)  # what torch.Generator.manual_seed takes, 
 FINITE = number(float, low=None)
 
 
+def precision(text):
+    """--precision of sample.py and make_prior.py, as train.py names it: fp16, bf16 or fp32. The CompVis scripts'
+    names work too: autocast (fp16) and full (fp32)."""
+    return {"autocast": "fp16", "full": "fp32"}.get(text, text)
+
+
 def add_sampling_flags(p, scale):
     """The flags sample.py and make_prior.py share: the model, the sampler, the image size, the device."""
+    toy = toy_sampling()
     p.add_argument("--ckpt", help=CKPT_HELP)
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file (.ckpt/.safetensors) to decode with, "
                                                  "e.g. vae-ft-mse-840000-ema-pruned")
@@ -85,13 +92,14 @@ def add_sampling_flags(p, scale):
                    help="a LoRA file (kohya's format, e.g. a run's lora.safetensors) merged into the model at SCALE "
                         "(default 1.0) before sampling; repeatable")
     p.add_argument("--ddim_steps", "--ddim-steps", dest="ddim_steps", type=DDIM_STEPS,
-                   help=f"DDIM steps; default {SD_DDIM_STEPS} (toy models: {TOY_SAMPLING['ddim_steps']})")
-    p.add_argument("--scale", type=FINITE, help=f"classifier-free guidance scale; default {scale} (toy models: "
-                                               f"{TOY_SAMPLING['scale']})")
+                   help=f"DDIM steps; default {SD_DDIM_STEPS}, or the model file's (toy: {toy.get('ddim_steps')})")
+    p.add_argument("--scale", type=FINITE, help=f"classifier-free guidance scale; default {scale}, or the model "
+                                               f"file's (toy: {toy.get('scale')})")
     p.add_argument("--H", type=IMAGE_SIZE, help="image height, a multiple of 8; default the model's (512; toy: 64)")
     p.add_argument("--W", type=IMAGE_SIZE, help="image width, a multiple of 8; default the model's (512; toy: 64)")
-    p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
-                   help="autocast: float16 arithmetic on CUDA (fp32 weights); full: float32. CPU is always full")
+    p.add_argument("--precision", type=precision, choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="the arithmetic on CUDA, under autocast with fp32 weights (autocast, the CompVis name, is "
+                        "fp16; full is fp32); the CPU always computes in fp32")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto: cuda if available")
 
 
@@ -161,38 +169,41 @@ def default_checkpoint(program):
     return "toy"
 
 
-# How toy models (the toy and the files fine-tuned from it) are sampled where --scale and --ddim_steps are not given:
-# the settings benchmarks/toy.py measures with. At SD's guidance 7.5 the model of the README's first command drew
-# its pink ring purple in 8 of 8 samples; at 3, pink in 8 of 8. SD's: the program's scale and SD_DDIM_STEPS.
-TOY_SAMPLING = {"scale": 3.0, "ddim_steps": 25}
-SD_DDIM_STEPS = 50
+SD_DDIM_STEPS = 50  # SD's sampling steps; its guidance scale is each program's (sample.py 7.5, make_prior.py 10)
 
 # With --ckpt toy (the default without SD weights), the settings that work for the toy model, as the usual ones do
-# for SD v1 (README, "The toy world"; benchmarks/toy.py measures them). Its captions were "a red circle", never
-# "photo of ...", and its class images are made as all its samples are (TOY_SAMPLING).
+# for SD v1 (docs/toy-world.md; benchmarks/toy.py measures them). Its captions were "a red circle", never
+# "photo of ...", and its class images are sampled as all its samples are (its file's guidance scale and steps).
 TOY_DEFAULTS = {
-    "train.py": {"lr": 3e-4, "batch_size": 4, "noise_offset": 0.1, "sample_steps": TOY_SAMPLING["ddim_steps"],
-                 "steps": 1000, "prior_loss": "base", "prior_weight": 3.0},
+    "train.py": {"lr": 3e-4, "batch_size": 4, "noise_offset": 0.1, "steps": 1000, "prior_loss": "base",
+                 "prior_weight": 3.0},
     "make_prior.py": {"num": 200},
 }
 
 
-def is_toy(sd) -> bool:
-    """The toy model or a file fine-tuned from it: the tiny architecture (64 px) with make_toy.py's own latent scale
-    (`tiny`, random, keeps SD's 0.18215, and is sampled with SD's settings, as a stand-in for SD)."""
-    return sd.resolution == 64 and sd.latent_scale != dreambooth.vae.LATENT_SCALE
-
-
-def default_scale(sd, scale: float) -> float:
-    """The guidance scale where none is given: TOY_SAMPLING's for a toy model, else the program's for SD."""
-    return TOY_SAMPLING["scale"] if is_toy(sd) else scale
+def toy_sampling() -> dict:
+    """The toy model's sampling settings, as its file's metadata names them ({} without the file)."""
+    return sampling_settings(TOY_FILE) if TOY_FILE.is_file() else {}
 
 
 def sampling_defaults(args, sd, scale: float) -> None:
-    """Fill in --scale and --ddim_steps where not given: TOY_SAMPLING for a toy model, else SD's."""
-    args.scale = default_scale(sd, scale) if args.scale is None else args.scale
-    if args.ddim_steps is None:
-        args.ddim_steps = TOY_SAMPLING["ddim_steps"] if is_toy(sd) else SD_DDIM_STEPS
+    """Fill in --scale and --ddim_steps where not given: the model file's own (the toy's), else SD's."""
+    args.scale = sd.sampling.get("scale", scale) if args.scale is None else args.scale
+    args.ddim_steps = args.ddim_steps or sd.sampling.get("ddim_steps", SD_DDIM_STEPS)
+
+
+def show_toy_defaults(p, program):
+    """Each flag's help shows the toy's default beside its own ("default: 1e-6; toy: 3e-4"), and where there are
+    no SD weights (so the toy's apply) the description says so."""
+    toy = TOY_DEFAULTS.get(program, {})
+    for action in p._actions:
+        if action.dest in toy and toy[action.dest] != action.default:
+            value = toy[action.dest]
+            value = f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) and value < 0.01 else value
+            action.help += f" (toy: {value})" if action.default is None else f" (default: %(default)s; toy: {value})"
+    if not any(Path(f).is_file() for f in DEFAULT_FILES):
+        p.description += (f"\nNo {DEFAULT_FILES[0]} here: --ckpt defaults to the toy model, and the toy's defaults "
+                          "apply.")
 
 
 def with_toy_defaults(p, args, argv, program):

@@ -17,21 +17,20 @@ folder made with other settings is refused rather than mixed.
 There is no safety checker: a checker blacks out the images it flags, and black images in the prior would
 silently teach the model that black squares are dogs.
 """
+import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
 import json
 import os
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-import cli  # noqa: E402
-from dreambooth.files import write_atomic  # noqa: E402
-from dreambooth.generate import generate  # noqa: E402
-from dreambooth.images import a1111_parameters, save_png  # noqa: E402
+import cli
+from dreambooth.files import write_atomic
+from dreambooth.generate import generate
+from dreambooth.images import a1111_parameters, save_png
 
 ETA = 0.0     # deterministic DDIM, as in the regularisation sets of the original DreamBooth runs
-SCALE = 10.0  # their guidance scale (toy models: cli.TOY_SAMPLING)
+SCALE = 10.0  # their guidance scale (a model file may name its own: the toy's does)
 
 
 def parse_args(argv=None):
@@ -51,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--outdir", help="default prior/<class>")
     p.add_argument("--seed", type=cli.SEED, default=42, help="image i uses seed + i")
     cli.add_sampling_flags(p, scale=SCALE)
+    cli.show_toy_defaults(p, "make_prior.py")
     args = p.parse_args(argv)
 
     if not args.class_name and not args.prompts:

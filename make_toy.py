@@ -1,52 +1,42 @@
 """Train the toy model from scratch: a tiny Stable Diffusion v1 (the architecture of `dreambooth.load("tiny")`) that
 draws coloured shapes, so that DreamBooth can be run, and seen to work, on a CPU in minutes.
 
-    python make_toy.py                       # writes dreambooth/toy.safetensors and examples/toy/*.png
-    python train.py --ckpt dreambooth/toy.safetensors --instance examples/toy --class circle ...
+    python make_toy.py          # writes runs/toy-<date>/toy.safetensors and its subject's pictures beside it
+    python train.py --ckpt runs/toy-<date>/toy.safetensors --instance runs/toy-<date>/subject --class circle ...
 
-The pictures come from dreambooth/toyworld.py; nothing is read from disk. Three parts, as in Stable Diffusion:
+The shipped model, dreambooth/toy.safetensors, is `python make_toy.py` with its defaults; replacing it (and the
+subject's pictures in examples/toy) takes --out dreambooth/toy.safetensors --subject-dir examples/toy --force.
+The pictures come from dreambooth/toyworld.py; nothing is read from disk. Four phases, as Stable Diffusion was made:
 
 1. The text encoder is the tiny model's random CLIP, frozen: seeded as dreambooth.load("tiny") seeds it. It need
    not understand anything; it only has to give different prompts different contexts, which the UNet learns to use.
-   Training it with the UNet was tried and failed: after 1,500 steps a caption changed the UNet's output by 1 %,
-   and 22 % of the samples had the prompted colour (README, "The toy world"). Likely because AdamW moves weights
-   whose gradients are still noise by a full step, so the contexts wandered before the UNet could learn to read
-   them.
+   (Training it with the UNet failed: the contexts wandered before the UNet could learn to read them.)
 2. The VAE (KL autoencoder, Rombach et al. 2022 sec. 3) learns to reconstruct pictures BROADER than the captions:
    any colour, rings, crosses, stripes, several shapes. A VAE that has only seen the four caption colours cannot
    draw anything else, and DreamBooth could then not teach the model a new subject. Loss: MSE + KL_WEIGHT * KL, a
    weak KL as in SD (it only keeps the latents from growing without bound). Its GroupNorms have 8 groups, not
-   SD's 32 (toy_vae says why; the file's metadata says so, for the loader). It trains for 1,500 steps: after 500,
-   rings of colours the captions never name (pink, purple, orange) all came back in one warm beige, which is
-   partly why the orange subject of earlier files came back orange; after 1,500, pink rings came back pink
-   (README, "The toy world").
+   SD's 32 (toy_vae says why; the file's metadata says so, for the loader).
    The latent scale is 1 / std of the VAE latents (SD's scale_factor, sec. 4.3.2), stored in the file's metadata.
 3. The UNet learns to denoise latents of captioned pictures of the vocabulary (DDPM loss, Ho et al. 2020 eq. 14;
    "a red circle" 70 %, "a circle" 20 %, "" 10 % for classifier-free guidance), with offset noise (train_unet
    says why) and an EMA of its weights.
 4. The VAE's decoder alone is fine-tuned (encoder frozen, so the UNet's latents keep their meaning), as SD's
-   ft-MSE VAE was: after phase 2 alone the colours came out muddy (red as brown-orange, yellow as orange). It
-   learns to decode latents moved by a little noise too (finetune_decoder says why).
+   ft-MSE VAE was, for truer colours. It learns to decode latents moved by a little noise too (finetune_decoder
+   says why).
 
 With --vae-from FILE, phases 2 and 4 are skipped: the VAE (fine-tuned decoder included) and its latent scale are an
 earlier toy file's, and only the UNet is trained: a way to try UNet settings on a VAE known to be good.
 
-Runs are deterministic for a given --seed and --threads: on one machine, 1-thread runs repeat bit for bit, and
-so did two 2-thread --vae-from runs. Another CPU is another draw: on an AMD EPYC the 2026-11-26 VAE, retrained
-from the same start, came out another VAE (README, "Another machine, another draw"). The shipped file is
-`python make_toy.py` (--seed 4, --threads 2) on a 2-core AMD EPYC.
-Torch's generator is reseeded at the start of each training phase (seed, seed + 2, seed + 4, as the numpy streams
-are numbered), so a phase's noise and timesteps do not depend on how many numbers the phases before it drew.
-Unlike the other programs, make_toy.py leaves OpenMP's threads to spin while they wait (OMP_WAIT_POLICY unset):
-it is a long job meant to run alone. The 2026-11-26 file's UNet step (batch 64) took 0.30 s spinning, 0.53 s with
-PASSIVE; UNetConfig.tiny()'s smaller UNet, 0.28 s either way on a 2-core Xeon. The weights are the same either way.
-Beside another job, run it with OMP_WAIT_POLICY=PASSIVE (README, "Two jobs on one CPU").
-With --device cuda it runs on a GPU (ten runs at once on one H200 took 8 minutes each), but its random numbers are
-another draw than a CPU run's, so it does not write the CPU run's file.
+Runs are deterministic for a given --seed and --threads on one kind of CPU; another CPU, or a GPU (--device
+cuda), sums in another order and makes another model. Torch's generator is reseeded at the start of each training
+phase (seed, seed + 2, seed + 4, as the numpy streams are numbered), so a phase's noise and timesteps do not depend
+on how many numbers the phases before it drew. What the choices were measured to do: docs/toy-world.md.
 """
+import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
 import os
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +49,9 @@ import dreambooth
 from dreambooth import toyworld
 from dreambooth.checkpoint import CheckpointError, vae_groups
 from dreambooth.ddim import add_noise
-from dreambooth.vae import AutoencoderKL, VAEConfig
+from dreambooth.images import to_tensor
+from dreambooth.stable_diffusion import device_of
+from dreambooth.vae import AutoencoderKL, VAEConfig, sample_latent
 
 KL_WEIGHT = 5e-5     # of the KL term, per latent element, against the per-pixel MSE of images in [-1, 1]
 VAE_BATCH = 24
@@ -73,19 +65,24 @@ NOISE_OFFSET = 0.1   # offset noise: std of a constant added to each latent chan
 DECODER_NOISE = 0.3  # std of the noise added to the latents (scaled as the UNet's) in the decoder's fine-tuning
 VAE_GROUPS = 8       # GroupNorm groups of the VAE (toy_vae says why); written to the file's metadata by save
 PER_CAPTION = 800    # pictures per (shape, colour) in the UNet's data set, encoded once
+# How the toy is sampled where a program is not told, written to the file's metadata (StableDiffusion.sampling): the
+# settings benchmarks/toy.py measures with. At SD's guidance 7.5 it drew its subject's pink purple; at 3, pink.
+SAMPLING = {"scale": 3.0, "ddim_steps": 25}
 
 
 def parse_args(argv=None):
     p = cli.parser("make_toy.py", "Train the toy model (tiny SD v1 drawing coloured shapes) from scratch, and draw "
                    "the toy DreamBooth subject (a pink ring).", [
-                       "python make_toy.py",
-                       "python make_toy.py --threads 1 --out /tmp/toy.safetensors --subject-dir /tmp/toy",
-                       "python make_toy.py --vae-from dreambooth/toy.safetensors --out /tmp/toy.safetensors "
-                       "--subject-dir /tmp/toy   # a new UNet on the shipped VAE",
+                       "python make_toy.py                     # runs/toy-<date>/toy.safetensors and subject/",
+                       "python make_toy.py --vae-from dreambooth/toy.safetensors --out runs/toy-unet/toy.safetensors"
+                       "   # a new UNet on the shipped VAE",
                        "python make_toy.py --vae-steps 50 --unet-steps 50 --decoder-steps 50 "
-                       "--out /tmp/quick.safetensors --subject-dir /tmp/toy   # a smoke run"])
-    p.add_argument("--out", default="dreambooth/toy.safetensors", help="the model file to write")
-    p.add_argument("--subject-dir", default="examples/toy", help="where the subject's pictures go")
+                       "--out runs/toy-quick/toy.safetensors   # a smoke run",
+                       "python make_toy.py --out dreambooth/toy.safetensors --subject-dir examples/toy --force"
+                       "   # replace the shipped model"])
+    p.add_argument("--out", help="the model file to write; default runs/toy-<date>/toy.safetensors")
+    p.add_argument("--subject-dir", help="where the subject's pictures go; default the folder of --out, /subject")
+    p.add_argument("--force", action="store_true", help="replace an existing --out and the pictures in --subject-dir")
     p.add_argument("--vae-steps", type=int, default=1500, help="VAE optimizer steps")
     p.add_argument("--unet-steps", type=int, default=3200, help="UNet optimizer steps")
     p.add_argument("--decoder-steps", type=int, default=600, help="optimizer steps of the decoder's fine-tuning")
@@ -93,20 +90,18 @@ def parse_args(argv=None):
                    "instead of training them (phases 2 and 4): only the UNet is trained, in under half the time")
     p.add_argument("--seed", type=int, default=4, help="seed of the pictures, noise and timesteps (4 made the "
                    "shipped file)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda (ten runs at once took 8 minutes on one H200); "
-                   "a GPU's random numbers are another draw than a CPU run's (the shipped file is a CPU run)")
-    return p.parse_args(argv)
-
-
-def to_tensor(images) -> torch.Tensor:
-    """PIL images -> [N, 3, 64, 64] in [-1, 1]."""
-    a = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-    return torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2 made the shipped file)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: a GPU's random numbers are another draw than a "
+                   "CPU run's, so it makes another model (the shipped file is a CPU run)")
+    args = p.parse_args(argv)
+    args.out = Path(args.out or f"runs/toy-{datetime.now():%Y%m%d-%H%M%S}/toy.safetensors")
+    args.subject_dir = Path(args.subject_dir or args.out.parent / "subject")
+    if not args.force:  # checked now, not after 20 minutes of training
+        if args.out.exists():
+            p.error(f"--out {args.out} exists; give another --out, or --force to replace it")
+        if args.subject_dir.is_dir() and any(args.subject_dir.glob("*.png")):
+            p.error(f"--subject-dir {args.subject_dir} holds pictures; give another, or --force to replace them")
+    return args
 
 
 def vae_batch(rng: np.random.Generator, n: int, device, vocab_share: float = VOCAB_SHARE) -> torch.Tensor:
@@ -129,7 +124,7 @@ def train_vae(vae, steps: int, rng: np.random.Generator) -> None:
     for step in range(1, steps + 1):
         x = vae_batch(rng, VAE_BATCH, device_of(vae))
         mean, logvar = vae.encode(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)  # the reparameterisation trick
+        z = sample_latent(mean, logvar)  # the reparameterisation trick
         mse = F.mse_loss(vae.decode(z, VAE_BATCH), x)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -160,8 +155,7 @@ def finetune_decoder(vae, latent_scale: float, steps: int, rng: np.random.Genera
     for step in range(1, steps + 1):
         x = vae_batch(rng, VAE_BATCH, device_of(vae), vocab_share=0.5)
         with torch.no_grad():
-            mean, logvar = vae.encode(x)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            z = sample_latent(*vae.encode(x))
             z += DECODER_NOISE / latent_scale * torch.randn_like(z)
         mse = F.mse_loss(vae.decode(z, VAE_BATCH), x)
         optimizer.zero_grad(set_to_none=True)
@@ -199,11 +193,8 @@ def toy_vae(tiny_vae):
     """The tiny model's random VAE, its GroupNorms in VAE_GROUPS groups (the same weights: a GroupNorm starts at
     1 and 0, whatever its groups). VAEConfig.tiny() has SD's 32 groups, and at its 32 channels each group is then
     one channel: every norm takes away each channel's mean over the picture, which is where a flat shape's colour
-    is. Of nine VAEs trained so from scratch (three seeds on the CPU, six on a GPU), none gave back more than 81 %
-    of drawn pictures in their colour, and the UNets on them drew the prompted colour in 24 % to 84 % of samples.
-    With 8 groups of 4 channels (as SD's 128 channels are in 32), seven of eight gave back 94.8 % to 100 % (README,
-    "Why some VAEs fail"); of six more runs on an AMD EPYC, two drew the prompted colour in only 62 % (README,
-    "Another machine, another draw")."""
+    is. VAEs trained so gave back at most 81 % of drawn pictures in their colour; with 8 groups of 4 channels (as
+    SD's 128 channels are in 32), most gave back 95 % to 100 % (docs/toy-world.md, "Why some VAEs fail")."""
     with torch.device("meta"):
         vae = AutoencoderKL(replace(tiny_vae.config, norm_groups=VAE_GROUPS))
     vae.load_state_dict(tiny_vae.state_dict(), assign=True)
@@ -262,8 +253,7 @@ def train_unet(sd, posteriors, labels, steps: int, rng: np.random.Generator) -> 
             group["lr"] = UNET_LR * min(1.0, step / WARMUP)
         rows = torch.from_numpy(rng.integers(len(labels), size=UNET_BATCH))
         captions = [index[toyworld.caption(rng, *labels[i])] for i in rows.tolist()]
-        mean, logvar = posteriors[rows].chunk(2, dim=1)
-        x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * sd.latent_scale
+        x0 = sample_latent(*posteriors[rows].chunk(2, dim=1)) * sd.latent_scale
         t = torch.randint(len(sd.alphas_cumprod), (UNET_BATCH,), device=x0.device)
         noise = torch.randn_like(x0) + NOISE_OFFSET * torch.randn(*x0.shape[:2], 1, 1, device=x0.device)
         loss = F.mse_loss(unet(add_noise(x0, noise, t, sd.alphas_cumprod), t, contexts[captions]), noise)
@@ -314,8 +304,7 @@ def main(argv=None):
     images, labels = vocabulary_images(rngs[1])
     posteriors = encode(sd.vae, images)
     if not args.vae_from:
-        mean, logvar = posteriors.chunk(2, dim=1)
-        std = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)).std().item()
+        std = sample_latent(*posteriors.chunk(2, dim=1)).std().item()
         sd.latent_scale = 1.0 / std  # unit-variance latents for the UNet, as SD's scale_factor
     print(f"latent scale {sd.latent_scale:.4f}; {time.time() - t0:.0f} s so far", flush=True)
 
@@ -331,7 +320,7 @@ def main(argv=None):
                                            for _ in range(48)])}
     print("vae reconstruction rmse (0..255): " + ", ".join(f"{k} {v:.1f}" for k, v in rmse.items()), flush=True)
     seconds = time.time() - t0
-    sd.name = "toy"
+    sd.name, sd.sampling = "toy", SAMPLING
     metadata = {"made_by": "make_toy.py", "seed": str(args.seed), "threads": str(args.threads),
                 **({"device": str(sd.device)} if sd.device.type != "cpu" else {}), **vae_metadata,
                 "unet_steps": str(args.unet_steps), "noise_offset": str(NOISE_OFFSET),
@@ -339,8 +328,9 @@ def main(argv=None):
                 "vae_rmse": ", ".join(f"{k} {v:.1f}" for k, v in rmse.items()),
                 "captions": "a <colour> <shape> 70 %, a <shape> 20 %, empty 10 %; shapes " +
                             ", ".join(toyworld.SHAPES) + "; colours " + ", ".join(toyworld.COLOURS)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     dreambooth.save(sd.to("cpu"), args.out, metadata=metadata)
-    draw_subject(Path(args.subject_dir), rngs[3])
+    draw_subject(args.subject_dir, rngs[3])
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB) and {args.subject_dir}/ in {seconds:.0f} s")
 
 

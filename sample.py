@@ -1,7 +1,7 @@
 """Generate images from text with a Stable Diffusion v1 checkpoint, for example one that train.py fine-tuned.
 
     python sample.py --ckpt runs/dog-<date>/model.safetensors --prompt "a sks dog in the snow"
-    python sample.py --from-file prompts.txt --n_samples 4 --n_iter 2 --seed 7
+    python sample.py --ckpt runs/dog-<date>/model.safetensors --from-file prompts.txt --n_samples 4 --n_iter 2
 
 The flags are those of the CompVis scripts/stable_txt2img.py (dashed spellings work too). Each image is a numbered
 PNG in --outdir, continuing after the highest number already there (nothing is overwritten), and carries
@@ -10,24 +10,22 @@ A1111's "PNG Info" tab can read it. Image k of a run is made from seed --seed + 
 images, and `--seed <its seed> --n_samples 1` makes one of them again (equal up to the last bits of the floating-
 point arithmetic, which can depend on the batch size).
 """
-import os
+import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
+import cli
+from dreambooth.generate import generate
+from dreambooth.images import a1111_parameters, image_grid, next_index
 
-import cli  # noqa: E402
-from dreambooth.generate import generate  # noqa: E402
-from dreambooth.images import a1111_parameters, image_grid, next_index  # noqa: E402
-
-SCALE = 7.5  # the guidance scale of SD's txt2img (toy models: cli.TOY_SAMPLING)
+SCALE = 7.5  # the guidance scale of SD's txt2img (a model file may name its own: the toy's does)
 
 
 def parse_args(argv=None):
     p = cli.parser("sample.py", "Text to image with a Stable Diffusion v1 checkpoint (DDIM sampler).", [
-        'python sample.py --prompt "photo of a dog"                          # weights/sd-v1-4.ckpt, else toy',
-        'python sample.py --ckpt runs/dog-20261126/model.safetensors --prompt "a sks dog in the snow"',
-        'python sample.py --lora runs/dog-20261126/lora.safetensors:0.8 --prompt "a sks dog in the snow"',
-        "python sample.py --ckpt tiny --from-file prompts.txt --n_samples 4 --n_iter 2 --seed 7"])
+        'python sample.py --prompt "a red circle"                            # weights/sd-v1-4.ckpt, else the toy',
+        'python sample.py --ckpt runs/demo/model.safetensors --prompt "a sks circle" --n_samples 8   # the README\'s '
+        "first run",
+        'python sample.py --ckpt toy --prompt "a blue square" --n_samples 4 --n_iter 2 --seed 7 --outdir outputs/toy'])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text to draw")
     what.add_argument("--from-file", "--from_file", dest="from_file", metavar="FILE",
@@ -46,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=cli.SEED, default=42, help="image k of the run uses seed + k")
     p.add_argument("--skip_grid", "--skip-grid", dest="skip_grid", action="store_true",
                    help="do not write the grid of all the run's images")
+    cli.show_toy_defaults(p, "sample.py")
     args = p.parse_args(argv)
 
     if args.from_file:

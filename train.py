@@ -14,39 +14,30 @@ with the noise prediction of Stable Diffusion:
     L = || eps_theta(x_t, t, c_instance) - eps ||^2  +  lambda * || eps_theta(x'_t', t', c_prior) - eps' ||^2
 
 x_t noises the VAE latent of a subject photo and x'_t' that of a prior image (DDPM eq. 4, see
-`dreambooth.ddim.add_noise`); lambda is --prior-weight. The file reads top to bottom: one training step
-(the loss, what a step draws, the step as a call, replayed from a CUDA graph on a GPU); previews and
-saving; setup; then main() and the loop. The settings (flags, their defaults, --resume's) are in
-train_settings.py; the optimizer and the CUDA graph in dreambooth/speed.py.
+`dreambooth.ddim.add_noise`); lambda is --prior-weight. The file holds the whole method, top to bottom: the loss,
+the batch of subject and prior images, the step (eq. 2, loss.backward(), optimizer.step()), then main() and the
+loop. The flags and their defaults are in train_settings.py; setting up the models, the optimizer, saving and
+resuming in train_setup.py; the two wrappers that make the step fast in dreambooth/speed.py.
 """
-import copy
-import os
-import shutil
-from dataclasses import dataclass
+import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
+from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads: README, "Two jobs on one CPU"
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-
-import cli  # noqa: E402
-import dreambooth  # noqa: E402
-from dreambooth import speed  # noqa: E402
-from dreambooth.data import Photos, encode_posteriors  # noqa: E402
-from dreambooth.ddim import add_noise  # noqa: E402
-from dreambooth.files import replace_all, why_write_failed, write_atomic  # noqa: E402
-from dreambooth.generate import generate  # noqa: E402
-from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, save_png,  # noqa: E402
-                               skipped_images)
-from dreambooth.lora import LoRA, kohya_metadata, save_lora  # noqa: E402
-from dreambooth.runlog import Log, Stopped  # noqa: E402
-from dreambooth.torchfile import first_line  # noqa: E402
-from train_settings import claim_run_folder, manifest_prompts, parse_args, resolve_defaults  # noqa: E402
+import cli
+import train_setup as setup
+from dreambooth import speed
+from dreambooth.ddim import add_noise
+from dreambooth.generate import generate
+from dreambooth.images import a1111_parameters, image_grid, save_png
+from dreambooth.runlog import Log, Stopped
+from dreambooth.vae import sample_latent
+from train_settings import claim_run_folder, parse_args, resolve_defaults
 
 # ----------------------------------------------------------------------------------------------------------------------
-# One training step: the loss, what a step draws, and the step itself.
+# The loss.
 
 
 def dreambooth_loss(unet, x_t, t, context, target, n_instance, prior_weight):
@@ -82,262 +73,178 @@ def base_prior_targets(base_unet, base_contexts, x_t, t, rows, noise, n_instance
     return x_t, t, rows, torch.cat([noise[:n_instance], base_eps])
 
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
+# ----------------------------------------------------------------------------------------------------------------------
+# The batch: subject photos and as many prior images, as VAE latents, with their timesteps and noise.
 
 
-def autocast(args):
-    """The --precision of the networks: bf16/fp16 autocast keeps the fp32 weights and casts them where it pays.
-    Without its cache of those casts: a CUDA graph cannot keep it, and each weight is used once per forward anyway."""
-    return torch.autocast(torch.device(args.device).type, dtype=PRECISIONS[args.precision],
-                          enabled=args.precision != "fp32", cache_enabled=False)
+@torch.no_grad()
+def encode_posteriors(vae, images, device, chunk=4):
+    """The VAE posterior q(z|x) = N(mean, exp(logvar)) of each image and of its mirror image, computed once, so that a
+    step samples a latent from it: the same distribution as encoding the photo at every step, for no VAE per step.
+    images [N, 3, R, R] in [-1, 1] -> [N, 2 (flip), 8 (mean, logvar), R/8, R/8]."""
+    out = []
+    for x in images.split(chunk):
+        x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1).to(device)  # (2n, 3, R, R): image, mirror, ...
+        out.append(torch.cat(vae.encode(x), dim=1).unflatten(0, (-1, 2)))
+    return torch.cat(out)
+
+
+@dataclass
+class Batches:
+    """What a step draws from: the photos' VAE posteriors (encode_posteriors), or with --no-cache the photos themselves
+    and the VAE that encodes them at every step. Rows [0, n_instance) are the subject's photos, the rest the prior's.
+    All randomness comes from the generator passed to draw(), in a fixed order, so that a run, and a resumed run,
+    draw the same batches."""
+    posteriors: torch.Tensor | None  # [N, 2 (flip), 8, h, w]
+    images: torch.Tensor | None      # [N, 3, R, R], with --no-cache
+    vae: torch.nn.Module | None      # with --no-cache
+    n_instance: int
+    prior_rows: torch.Tensor         # [n_prior] each prior image's prompt, as a row of the step's contexts (1, 2, ...)
+    batch_size: int                  # subject photos per step, and as many prior images if there are any
+    latent_scale: float              # StableDiffusion.latent_scale
+    timesteps: int = 1000            # t is drawn from [0, timesteps)
+    noise_offset: float = 0.0        # std of a constant added to each latent channel's noise (offset noise)
+    memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
+
+    def draw(self, generator):
+        """One batch, drawn in a fixed order: which photos (batch_size of the subject's, as many of the prior's), their
+        horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise (then, with
+        noise_offset, its constants). Returns (latents, t, noise, rows): rows are the photos' prompts, as rows of the
+        step's contexts: 0 for the subject's, prior_rows for the prior's."""
+        device = generator.device
+        idx = torch.randint(self.n_instance, (self.batch_size,), generator=generator, device=device)
+        rows = torch.zeros_like(idx)
+        if len(self.prior_rows):
+            prior_idx = torch.randint(len(self.prior_rows), (self.batch_size,), generator=generator, device=device)
+            idx = torch.cat([idx, self.n_instance + prior_idx])
+            rows = torch.cat([rows, self.prior_rows[prior_idx]])
+        flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
+        if self.posteriors is None:
+            x = torch.where(flip.view(-1, 1, 1, 1).bool(), self.images[idx].flip(-1), self.images[idx])
+            with torch.no_grad():
+                posterior = self.vae.encode(x)
+        else:
+            posterior = self.posteriors[idx, flip].chunk(2, dim=1)
+        latents = sample_latent(*posterior, generator) * self.latent_scale
+        t = torch.randint(self.timesteps, (len(idx),), generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        if self.noise_offset:  # offset noise: also noise each channel's mean, which eq. 4 leaves almost unnoised
+            noise += self.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=generator, device=device)
+        layout = self.memory_format
+        return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout), rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The step: a batch, eq. 2, backward, the optimizer.
 
 
 @dataclass
 class TrainStep:
-    """One DreamBooth step as a call: step(generator) draws a batch from the run's generator, computes eq. 2, runs
-    backward and updates the weights, and returns the losses [3] (eq. 2, instance, prior) on the device, unread.
-
-    Its two halves are methods: photos.draw() is the random part, learn() the rest. With cuda_graph, learn() is
-    recorded once as a CUDA graph after 3 eager steps and replayed from then on (speed.CUDAGraph says why); the
-    draws stay outside the graph, so a replayed run trains on exactly what an eager run draws."""
+    """One DreamBooth step as a call: step(generator) draws a batch, computes eq. 2, runs backward and updates the
+    weights, and returns the losses [3] (eq. 2, instance, prior) on the device, unread (the log reads them later, so
+    no step waits for the GPU). learn() is the textbook step, nanoGPT's, GradScaler included (it is off except under
+    --precision fp16). Made by make_step, which may wrap its parts to make them fast (dreambooth/speed.py): the
+    optimizer may step inside backward, and learn() may be replayed from a CUDA graph."""
     unet: torch.nn.Module
     text_encoder: torch.nn.Module | None  # trained with the UNet; None: frozen, and `contexts` holds its output
     ids: torch.Tensor                     # [K, 77] token ids: the instance prompt, the prior's prompts (, "")
     contexts: torch.Tensor | None         # [K, 77, C] their contexts from the text encoder before training
-    photos: Photos
+    batches: Batches
     alphas_cumprod: torch.Tensor
     prior_weight: float                   # lambda of eq. 2
-    optimizer: speed.AdamW
-    autocast: torch.autocast
+    optimizer: torch.optim.Optimizer      # AdamW, or speed.StepInBackward
+    lr: torch.Tensor                      # the learning rate, one tensor on the device that the optimizer reads
+    autocast: torch.autocast              # --precision
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
+    clip_grad: float = 0.0
     base_unet: object = None              # --prior-loss base: the frozen base UNet (base_prior_targets)
-    cuda_graph: bool = False
 
-    def __post_init__(self):
-        self.compute = speed.CUDAGraph(self.learn, 3, self.recording_failed) if self.cuda_graph else self.learn
+    def __call__(self, generator):
+        return self.learn(*self.batches.draw(generator))
 
     def learn(self, latents, t, noise, rows):
         """Eq. 2 on the drawn batch (rows: each photo's prompt), backward, and the weight update."""
-        n_instance = self.photos.batch_size
+        n_instance = self.batches.batch_size
         with self.autocast:
             contexts = self.text_encoder(self.ids) if self.text_encoder else self.contexts
             x_t, target = add_noise(latents, noise, t, self.alphas_cumprod), noise  # DDPM eq. 4
             if self.base_unet is not None and len(latents) > n_instance:
                 x_t, t, rows, target = base_prior_targets(self.base_unet, self.contexts, x_t, t, rows, noise,
                                                           n_instance, uncond_row=len(self.ids) - 1)
-            losses = dreambooth_loss(self.unet, x_t, t, contexts[rows], target, n_instance, self.prior_weight)
-        self.optimizer.backward(losses[0])
-        return torch.stack(losses).detach()
-
-    def __call__(self, generator):
-        return self.compute(*self.photos.draw(generator))
+            loss, loss_instance, loss_prior = dreambooth_loss(self.unet, x_t, t, contexts[rows], target, n_instance,
+                                                              self.prior_weight)
+        self.scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not round to 0
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.clip_grad)
+        self.scaler.step(self.optimizer)  # optimizer.step(); fp16: skipped where a gradient overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss, loss_instance, loss_prior]).detach()
 
     def recording_failed(self, why):
         print(f"\nstep: recording the CUDA graph failed ({why}); the run goes on eagerly (--no-cuda-graph skips it)")
-        self.optimizer.reset()  # the recorded backward did not run
-
-
-def why_eager(args, device):
-    """Why the step cannot be one CUDA graph here (a line), or None."""
-    if device.type != "cuda":
-        return "CUDA graphs need a CUDA device"
-    if not args.cuda_graph:
-        return "--no-cuda-graph"
-    if args.precision == "fp16":
-        return "fp16's loss scaler checks the gradients on the host and may skip a step; bf16 runs as one CUDA graph"
-    if args.clip_grad:
-        return "--clip-grad is not recorded in the graph; without it the step runs as one CUDA graph"
-    return None
-
-
-def choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device):
-    """Gradient checkpointing keeps only each UNet block's input in forward and recomputes the block in backward:
-    a fraction of the activation memory, for more time per step. --grad-checkpointing / --no-grad-checkpointing
-    decide; by default it is on only where the GPU could not hold the run without it.
-    Returns (on, one line saying which and why)."""
-    if args.grad_checkpointing is not None:
-        return args.grad_checkpointing, f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'} (asked)"
-    if device.type != "cuda":
-        return False, "gradient checkpointing off: memory is not the limit on a CPU (--grad-checkpointing turns it on)"
-    need = speed.training_memory_gib(unet, params, images_per_step, args.resolution, args.precision == "fp32",
-                                     after_backward)
-    free = speed.free_gpu_memory_gib(device)
-    on = need > 0.85 * free
-    return on, (f"gradient checkpointing {'on' if on else 'off'}: without it the run needs about {need:.1f} GiB more "
-                f"and {free:.1f} GiB of GPU memory are free (--{'no-' if on else ''}grad-checkpointing forces it)")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Previews, saving and resuming. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI,
-# diffusers). train_state.pt holds everything else needed to continue exactly: the fp32 weights being trained
-# (continuing from the fp16 copy would round them), the optimizer states, the step, the data generator's state
-# and the settings.
-
-
-@torch.no_grad()
-def preview(sd, prompts, seeds, args, path):
-    """A row of images from fixed seeds: the subject should appear in the edits while the last image, from the
-    prior prompt, should keep showing the class in general (if it turns into the subject, the class drifts)."""
-    sd.text_encoder.to(sd.device)
-    sd.vae.to(sd.device)
-    sd.unet.eval()
-    with autocast(args):
-        images = generate(sd, prompts, seeds, steps=args.sample_steps, height=args.resolution,
-                          width=args.resolution, scale=cli.default_scale(sd, 7.5), progress=False)  # SD's 7.5
-    sd.unet.train()
-    if not (args.no_cache and not args.vae):  # --no-cache encodes with the model's own VAE at every step
-        sd.vae.to("cpu")
-    if not args.train_text_encoder:
-        sd.text_encoder.to("cpu")
-    path.parent.mkdir(exist_ok=True)
-    parameters = a1111_parameters(prompts[0], "", args.sample_steps, 7.5, seeds[0], args.resolution, args.resolution,
-                                  Path(args.out).name, vae=args.vae and Path(args.vae).name)  # labelled by image 1
-    save_png(image_grid(images, cols=len(images)), path, parameters)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Setup: the photos and the model, then the step as main() runs it (benchmarks/gpu.py sets it up the same way).
-
-
-def load_model_and_photos(args, device):
-    """Returns (sd, images [N, 3, R, R], n_instance, prior_prompts); rows are the subject's photos, then the prior's,
-    each with its prompt (train_settings.manifest_prompts, else --prior-prompt).
-    The folders are checked before the model loads, so mistakes show in seconds; bad input (a folder, an image, a
-    checkpoint) stops the run with one line naming it."""
-    if not args.prior:
-        print("warning: no --prior: plain fine-tuning without prior preservation; the class may drift to the subject")
-    try:
-        instance_paths = list_images(args.instance)
-        prior_paths = list_images(args.prior) if args.prior else []
-        for path in skipped_images(args.instance) + (skipped_images(args.prior) if args.prior else []):
-            print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
-        if args.prior and len(prior_paths) < len(instance_paths):
-            raise ValueError(f"--prior {args.prior} has {len(prior_paths)} images, fewer than the {len(instance_paths)}"
-                             f" in --instance; make more with: python make_prior.py --class {args.class_name} "
-                             f"--outdir {args.prior}")
-        sd = dreambooth.load(args.ckpt, device=device, dtype=torch.float32, ema=args.ema)  # fp32 master weights
-        args.resolution = args.resolution or sd.resolution
-        images, notes = load_images(instance_paths + prior_paths, args.resolution)
-    except ValueError as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-    for note in notes:
-        print(f"note: {note}")
-    listed = manifest_prompts(args.prior)
-    return sd, images, len(instance_paths), [listed.get(path.name, args.prior_prompt) for path in prior_paths]
-
-
-def frozen_base(unet, lora, dtype):
-    """The base UNet for --prior-loss base, frozen: with --lora the UNet itself with its adapters off (its weights are
-    the base's), else a copy taken before training, held in the autocast dtype (the dtype its forward runs in)."""
-    if lora is not None:
-        return lora.off(unet)
-    return copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
+        self.optimizer.zero_grad(set_to_none=True)  # the recorded backward did not run
 
 
 def make_step(sd, images, n_instance, prior_prompts, args, device):
-    """Everything a step needs, made once: the VAE posteriors of the photos and the CLIP contexts of the prompts
-    (then the VAE and a frozen text encoder leave the GPU), the UNet's memory layout and gradient checkpointing,
-    the optimizer, and the step, recorded as one CUDA graph where it can be. Returns (step, optimizer, trained)."""
-    if args.lora:  # only the adapters train; the base weights are frozen, held in fp16 on a GPU (no gradients anyway)
-        trained = {"lora": LoRA(sd, args.lora, args.lora_alpha, args.train_text_encoder, args.seed).attach()}
-        if device.type == "cuda" and args.precision != "fp32":
-            sd.unet.half()
-            sd.text_encoder.half()
-    else:
-        trained = {"unet": sd.unet} | ({"text_encoder": sd.text_encoder} if args.train_text_encoder else {})
-    sd.vae.requires_grad_(False).eval()
-    sd.unet.requires_grad_(not args.lora).train()
-    sd.text_encoder.requires_grad_(args.train_text_encoder and not args.lora).train(args.train_text_encoder)
+    """The step as main() runs it (benchmarks/gpu.py and the tests make it so too): the photos' VAE posteriors and the
+    prompts' contexts computed once (then the VAE and a frozen text encoder leave the GPU), the optimizer, and the
+    wrappers that pay here. Returns (step, trained)."""
+    trained = setup.trained_modules(sd, args, device)
     base_prior = args.prior_loss == "base" and bool(prior_prompts)
-    prompts = [args.instance_prompt, *dict.fromkeys(prior_prompts)]  # each prompt once: the rows of ids, contexts
-    cli.note_long_prompts(sd.tokenizer, prompts)
-    ids = sd.tokenizer(prompts + [""] * base_prior).to(device)  # --prior-loss base: the empty prompt last
-    prior_rows = torch.tensor([prompts.index(p) for p in prior_prompts], dtype=torch.long, device=device)
-    posteriors = contexts = None
+    ids, contexts, prior_rows = setup.encode_prompts(sd, args, prior_prompts, base_prior, device)
+    posteriors = None
     if args.no_cache:
         images = images.to(device)
     else:
         posteriors, images = encode_posteriors(sd.vae, images, device), None
         sd.vae.to("cpu")
-    if not args.train_text_encoder or base_prior:  # the contexts before training: the base model's
-        with torch.no_grad():
-            contexts = sd.text_encoder(ids)
-    if not args.train_text_encoder:
-        sd.text_encoder.to("cpu")
-
     # channels_last (NHWC) is the layout cuDNN's convolutions work in; in the default NCHW layout, a fifth of the
     # step's GPU time went into converting to it and back. On the CPU it was slower, so there it stays NCHW.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     sd.unet.to(memory_format=memory_format)
-    params = [p for m in trained.values() for p in m.parameters()]
-    images_per_step = args.batch_size * (1 + bool(prior_prompts) + base_prior)
     # made before the free GPU memory is measured, so the estimate below counts it
-    base_unet = frozen_base(sd.unet, trained.get("lora"), PRECISIONS[args.precision]) if base_prior else None
-    # Stepping inside backward saves a whole gradient buffer, which LoRA's small adapters do not need: one AdamW for
-    # all of them launches less than one per adapter (toy model, CPU: 9.4 steps/s against 6.6).
-    after_backward = args.lora or args.no_step_in_backward or args.clip_grad or args.precision == "fp16"
-    checkpointing, why = choose_grad_checkpointing(args, sd.unet, params, images_per_step, after_backward, device)
-    sd.unet.set_grad_checkpointing(checkpointing)
-    eager = why_eager(args, device)
-    if after_backward:
-        optimizer = speed.AdamWAfterBackward(params, args.lr, device, args.clip_grad, args.precision == "fp16",
-                                             capturable=not eager)
-    else:
-        optimizer = speed.AdamWInBackward(speed.blocks(trained), args.lr, device, capturable=not eager)
-    photos = Photos(posteriors, images, sd.vae if args.no_cache else None, n_instance, prior_rows, args.batch_size,
-                    sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
-    step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, photos,
-                     sd.alphas_cumprod, args.prior_weight, optimizer, autocast(args), base_unet, cuda_graph=not eager)
-    print(f"{why}\nstep: {f'eager ({eager})' if eager else 'one CUDA graph, recorded after 3 eager steps'}; "
-          f"optimizer stepped {'after' if isinstance(optimizer, speed.AdamWAfterBackward) else 'inside'} backward")
-    return step, optimizer, trained
+    base_unet = setup.frozen_base(sd.unet, trained.get("lora"), args.precision) if base_prior else None
+    images_per_step = args.batch_size * (1 + bool(prior_prompts) + base_prior)
+    optimizer, lr, scaler, graph = setup.make_optimizer(args, sd.unet, trained, images_per_step, device)
+    batches = Batches(posteriors, images, sd.vae if args.no_cache else None, n_instance, prior_rows, args.batch_size,
+                      sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
+    step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, batches,
+                     sd.alphas_cumprod, args.prior_weight, optimizer, lr, setup.autocast(args), scaler, args.clip_grad,
+                     base_unet)
+    if graph:  # learn() recorded once as a CUDA graph after 3 eager steps and replayed; the draws stay outside it
+        step.learn = speed.CUDAGraphReplay(step.learn, warmup=3, on_failure=step.recording_failed)
+    return step, trained
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# main(): the run folder is this run's alone (train_settings.claim_run_folder), then setup, resume, the loop.
+# main() and the loop: the run folder is this run's alone (train_settings.claim_run_folder), then setup, resume, the
+# loop, which logs, draws previews and saves.
 
 def main(argv=None):
     args, state = parse_args(argv)
     resolve_defaults(args)
     with claim_run_folder(args, state):
-        setup_and_train(args, state)
-
-
-def setup_and_train(args, state):
-    out, device = Path(args.out), torch.device(args.device)
-    generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
-    sd, images, n_instance, prior_prompts = load_model_and_photos(args, device)
-    preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
-    step, optimizer, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
-    start = resume(args, state, trained, optimizer, generator) if state else 0
-    if start >= args.steps:
-        print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
-        return
-    print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
-          f"{args.ckpt} on {device}, {args.precision}, {n_instance} subject + {len(prior_prompts)} prior images at "
-          f"{args.resolution} px; run folder {out}")
-    log = Log(out, start, args.steps, device, state.get("log") if state else None, plain_lines=not cli.interactive())
-    del state
-    try:
-        train(args, sd, preview_sd, step, optimizer, trained, generator, log)
-    except Stopped as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-
-
-def resume(args, state, trained, optimizer, generator):
-    """The trained weights, the optimizer and the data generator where the run stopped; returns its step."""
-    try:
-        for name, weights in state["weights"].items():
-            trained[name].load_state_dict(weights)
-        generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise SystemExit(f"train.py: error: --resume {args.resume}: train_state.pt does not fit this run "
-                         f"({first_line(e)})") from None
-    try:
-        optimizer.load_state_dict(state)
-    except ValueError as e:
-        raise SystemExit(f"train.py: error: --resume {args.resume}: {e}; keep the run's --precision, --clip-grad "
-                         "and --no-step-in-backward, which decide whether the optimizer steps inside backward")
-    return state["step"]
+        out, device = Path(args.out), torch.device(args.device)
+        generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
+        sd, images, n_instance, prior_prompts = setup.load_model_and_photos(args, device)
+        preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
+        step, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
+        start = setup.resume(args, state, trained, step, generator) if state else 0
+        if start >= args.steps:
+            print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
+            return
+        print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
+              f"{args.ckpt} on {device}, {args.precision}, lr {args.lr:g}, {n_instance} subject + {len(prior_prompts)}"
+              f" prior images at {args.resolution} px; run folder {out}")
+        log = Log(out, start, args.steps, device, state.get("log") if state else None, plain_lines=not cli.interactive())
+        del state
+        try:
+            train(args, sd, preview_sd, step, trained, generator, log)
+        except Stopped as e:
+            raise SystemExit(f"train.py: error: {e}") from None
 
 
 def lr_at(step, args):
@@ -345,76 +252,72 @@ def lr_at(step, args):
     return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
 
 
-def save(out, sd, trained, optimizer, step, args, generator, log):
-    """model.safetensors (fp16, the original CompVis key layout) or lora.safetensors, and train_state.pt, all of one
-    step: each is written whole into the staging folder out/.saving, then all are renamed into place
-    (files.replace_all). So a failed write (a full disk, said in one line) leaves the folder as the last good save
-    left it, and a folder never holds a model of one step beside the train state of another."""
-    state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
-             **optimizer.state_dict(), "data_rng": generator.get_state(), "log": log.state()}
-    staging = out / ".saving"
-    try:
-        shutil.rmtree(staging, ignore_errors=True)  # what a run killed while saving left
-        staging.mkdir()
-        if not args.lora:
-            dreambooth.save(sd, staging / "model.safetensors")
-        else:
-            comment = (f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
-                       f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step")
-            save_lora(trained["lora"], staging / "lora.safetensors", kohya_metadata(
-                args.lora, args.lora_alpha, Path(args.ckpt).name, learning_rate=args.lr, steps=step,
-                max_train_steps=args.steps, seed=args.seed, resolution=args.resolution, training_comment=comment))
-            if args.save_merged:
-                with trained["lora"].merged():
-                    dreambooth.save(sd, staging / "model.safetensors")
-        write_atomic(staging / "train_state.pt", lambda tmp: torch.save(state, tmp))
-        replace_all(staging, out)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
-        trained_params = sum(p.numel() for m in trained.values() for p in m.parameters())
-        need = 2 * params + 12 * trained_params  # the fp16 model; the fp32 trained weights and their two moments
-        raise log.stop(f"saving step {step} failed: {why_write_failed(e, out, need)}") from None
-    log.saved_step = step
-
-
-def train(args, sd, preview_sd, step_fn, optimizer, trained, generator, log):
+def train(args, sd, preview_sd, train_step, trained, generator, log):
     """The loop: one step, then logging, previews and saves when they are due. Ctrl-C stops it after the step, saved."""
     out, start = Path(args.out), log.start
-    subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
-    sample_prompts = [args.instance_prompt, f"a {subject} in the snow", f"a {subject} on the beach",
-                      f"a painting of a {subject}", args.prior_prompt]
-    sample_seeds = [args.seed + k for k in range(len(sample_prompts))]
+    prompts = preview_prompts(args)
+    seeds = [args.seed + k for k in range(len(prompts))]
     with cli.ctrl_c_asks_to_stop() as stop, cli.progress(total=args.steps, initial=start, unit="step") as bar, log:
         try:
             for step in range(start + 1, args.steps + 1):
-                optimizer.set_lr(lr_at(step, args))
-                log.pending.append(step_fn(generator))
+                train_step.lr.fill_(lr_at(step, args))  # one write on the device, which a replayed graph reads too
+                log.pending.append(train_step(generator))
                 bar.update()
                 if step % args.log_every == 0 or step == args.steps:
                     bar.set_postfix(loss=f"{log.write(step, lr_at(step, args)):.4f}")
                 if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                     with log.peak_not_counted():
-                        grid = out / "samples" / f"step-{step:05d}.png"
                         try:
-                            preview(preview_sd, sample_prompts, sample_seeds, args, grid)
+                            preview(preview_sd, prompts, seeds, args, out / "samples" / f"step-{step:05d}.png")
                         except ValueError as e:  # generate's non-finite latents: the weights have diverged
                             raise log.stop(f"the preview after step {step} failed: {e}", diverged=True) from None
                 if (args.save_every and step % args.save_every == 0) or step == args.steps or stop:
                     log.check(step)
                     if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):
                         raise log.stop(f"the weights are not finite after step {step}", diverged=True)
-                    save(out, sd, trained, optimizer, step, args, generator, log)
+                    setup.save(out, sd, trained, train_step, step, args, generator, log)
                 if stop:
                     print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
                     raise SystemExit(130)
         except OSError as e:  # writing the log or a preview: a full disk, say
             raise log.stop(f"writing in {out} failed at step {step} ({e.strerror or e})") from None
     log.summary(args.steps - start)
-    lora = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else ""
+    model = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else f"--ckpt {out / 'model.safetensors'}"
     print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "
-          f"sample.py {lora or '--ckpt ' + str(out / 'model.safetensors')} --prompt \"{sample_prompts[1]}\")")
+          f"sample.py {model} --prompt \"{prompts[0] if args.ckpt == 'toy' else prompts[1]}\")")
     print(f"log: {out / 'log.jsonl'}, previews: {out / 'samples'}, train state for --resume: {out / 'train_state.pt'}")
+
+
+def preview_prompts(args):
+    """The prompts of the preview grids: the subject, edits of it, and last the prior prompt, which should keep showing
+    the class in general (if it turns into the subject, the class drifts). The toy model knows only its captions'
+    words, so its edits are other shapes and colours, which should keep their own colour."""
+    subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
+    edits = ["a red square", "a blue triangle", f"a yellow {args.class_name or 'circle'}"] if args.ckpt == "toy" else \
+        [f"a {subject} in the snow", f"a {subject} on the beach", f"a painting of a {subject}"]
+    return [args.instance_prompt, *edits, args.prior_prompt]
+
+
+@torch.no_grad()
+def preview(sd, prompts, seeds, args, path):
+    """A row of images from fixed seeds, drawn as sample.py draws them (the model's guidance scale: SD's 7.5, the
+    toy's from its file), and labelled as A1111 labels a grid: by its first image."""
+    sd.text_encoder.to(sd.device)
+    sd.vae.to(sd.device)
+    sd.unet.eval()
+    scale = sd.sampling.get("scale", 7.5)
+    with setup.autocast(args):
+        images = generate(sd, prompts, seeds, steps=args.sample_steps, height=args.resolution,
+                          width=args.resolution, scale=scale, progress=False)
+    sd.unet.train()
+    if not (args.no_cache and not args.vae):  # --no-cache encodes with the model's own VAE at every step
+        sd.vae.to("cpu")
+    if not args.train_text_encoder:
+        sd.text_encoder.to("cpu")
+    path.parent.mkdir(exist_ok=True)
+    parameters = a1111_parameters(prompts[0], "", args.sample_steps, scale, seeds[0], args.resolution, args.resolution,
+                                  Path(args.out).name, vae=args.vae and Path(args.vae).name)
+    save_png(image_grid(images, cols=len(images)), path, parameters)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """train.py's settings: its flags, their checks, and the defaults that depend on other settings, the machine or a
 resumed run, and the run folder they name. Defaults follow the seed (the original DreamBooth fine-tuning of
-sd-v1-4): lr 1e-6, 800 steps, batch 1 + 1; with --ckpt toy, cli.TOY_DEFAULTS.
+sd-v1-4, in XavierXiao's Dreambooth-Stable-Diffusion): lr 1e-6, 800 steps, batch 1 + 1; with --ckpt toy,
+cli.TOY_DEFAULTS.
 
     args, state = parse_args(argv)          # state: the run's train_state.pt with --resume, else None
     resolve_defaults(args)                  # what depends on the device, --lora, the prior folder or the time
@@ -19,11 +20,15 @@ from dreambooth.torchfile import CheckpointError, read_pickle
 
 
 def parser():
+    demo = "--instance examples/toy --prior prior/circle --class circle --out runs/demo"
     p = cli.parser("train.py", "DreamBooth fine-tuning of Stable Diffusion v1.", [
-        "python train.py --instance photos/ --prior prior/dog --class dog   # weights/sd-v1-4.ckpt, else toy",
-        "python train.py --instance examples/toy --prior prior/circle --class circle --out runs/demo   # the toy model",
-        "python train.py --instance photos/ --prior prior/dog --class dog --lora 16   # a LoRA: runs/.../lora.safetensors",
-        "python train.py --resume runs/demo --steps 400                      # continue a run, to step 400"],
+        f"python train.py {demo}   # the toy model (prior/circle: python make_prior.py --class circle)",
+        f"python train.py --resume runs/demo --steps {cli.TOY_DEFAULTS['train.py']['steps'] + 200}"
+        "   # continue that run, 200 steps past its last",
+        "python train.py --instance examples/dog --prior prior/dog --class dog   # SD v1 from weights/sd-v1-4.ckpt "
+        "(prior/dog: python make_prior.py --class dog)",
+        "python train.py --instance examples/dog --prior prior/dog --class dog --lora 16   # a LoRA: "
+        "runs/dog-<date>/lora.safetensors"],
         usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
     p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
     p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
@@ -78,10 +83,12 @@ def parser():
     p.add_argument("--out", metavar="DIR", help="run folder; default runs/<class>-<date>")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     p.add_argument("--sample-every", type=cli.number(), default=200, help="write a preview grid every N steps; 0 = off")
-    p.add_argument("--sample-steps", type=cli.DDIM_STEPS, default=50, help="DDIM steps of the preview grids")
+    p.add_argument("--sample-steps", type=cli.DDIM_STEPS, help=f"DDIM steps of the preview grids; default "
+                   f"{cli.SD_DDIM_STEPS}, or the model file's (toy: {cli.toy_sampling().get('ddim_steps')})")
     p.add_argument("--save-every", type=cli.number(), default=400,
                    help="save every N steps (and at the end); 0 = at the end")
     p.add_argument("--log-every", type=cli.number(low=1), default=10, help="log the losses every N steps")
+    cli.show_toy_defaults(p, "train.py")
     return p
 
 
@@ -118,8 +125,7 @@ def resolve_defaults(args):
     """Fill in the defaults that depend on the machine, the files or the time, so train_state.pt records them."""
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.lr is None:
-        args.lr = 1e-4 if args.lora else 1e-6
-        print(f"learning rate {args.lr:g}" + (" (LoRA's usual; --lr sets another)" if args.lora else ""))
+        args.lr = 1e-4 if args.lora else 1e-6  # the seed's; LoRA's usual
     args.lora_alpha = args.lora_alpha or args.lora
     args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
     if not args.prior_prompt:

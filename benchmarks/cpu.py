@@ -28,7 +28,7 @@ import train  # noqa: E402
 from dreambooth.ddim import sd_alphas_cumprod  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.unet import UNetConfig, UNetModel  # noqa: E402
-from tests.references import random_model, random_photos, reference_pipeline, reference_unet  # noqa: E402
+from tests.references import random_model, random_batches, reference_pipeline, reference_unet  # noqa: E402
 
 # The mid-size UNet: SD v1's topology and text width with 64 instead of 320 channels (38 M instead of 860 M weights)
 # and 2 heads (head sizes 32 / 64 / 128; SD v1's are 40 / 80 / 160), run at 32 x 32 latents (256 px).
@@ -89,25 +89,30 @@ def forward_backward(ours: UNetModel, ref, inputs, repeats: int):
 def training_steps(cfg: UNetConfig, latent: int, repeats: int):
     """One DreamBooth step on batch 1 subject + 1 prior from cached latents: draw, loss, backward, AdamW.
 
-    Ours is train.py's TrainStep, called as its loop calls it: Photos.draw, `dreambooth_loss` (paper eq. 2), and fused
-    AdamW either stepped inside backward, block by block (train.py's default, AdamWInBackward), or after backward
-    (train.py --no-step-in-backward, AdamWAfterBackward). The reference is the step of diffusers' train_dreambooth.py
-    on batches from the same draws: DDPMScheduler.add_noise, the UNet, MSE per half, AdamW after backward (fused too,
-    so that both sides run the same update kernel; the script itself uses torch's unfused default)."""
+    Ours is train.py's TrainStep, called as its loop calls it: Batches.draw, `dreambooth_loss` (paper eq. 2),
+    backward and fused AdamW, either stepped inside backward, block by block (train.py's default, the
+    speed.StepInBackward wrapper), or after backward (train.py --no-step-in-backward, the textbook AdamW). The
+    reference is the step of diffusers' train_dreambooth.py on batches from the same draws: DDPMScheduler.add_noise,
+    the UNet, MSE per half, AdamW after backward (fused too, so that both sides run the same update kernel; the
+    script itself uses torch's unfused default)."""
     import diffusers
 
-    lr, cpu, alphas_cumprod = 1e-6, torch.device("cpu"), sd_alphas_cumprod()
-    photos = random_photos(latent, cpu)
+    cpu, alphas_cumprod = torch.device("cpu"), sd_alphas_cumprod()
+    lr = torch.tensor(1e-6)
+    batches = random_batches(latent, cpu)
     contexts = torch.randn(2, 77, cfg.context_dim, generator=torch.Generator().manual_seed(1))
     ids = Tokenizer()(["photo of a sks dog", "photo of a dog"])
     in_backward, after, ref = (random_model(UNetModel, cfg).train() for _ in range(3))
     ref = reference_unet(ref)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=lr, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-6, fused=True)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear")
 
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+
     def ours(unet, optimizer):
-        step = train.TrainStep(unet, None, ids, contexts, photos, alphas_cumprod, 1.0, optimizer,
+        step = train.TrainStep(unet, None, ids, contexts, batches, alphas_cumprod, 1.0, optimizer, lr,
                                torch.autocast("cpu", enabled=False))
         generator = torch.Generator().manual_seed(0)
         return lambda: step(generator)
@@ -115,7 +120,7 @@ def training_steps(cfg: UNetConfig, latent: int, repeats: int):
     ref_generator = torch.Generator().manual_seed(0)
 
     def diffusers_step():
-        latents, t, noise, _ = photos.draw(ref_generator)  # one prior prompt: contexts[1]
+        latents, t, noise, _ = batches.draw(ref_generator)  # one prior prompt: contexts[1]
         pred = ref(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=contexts).sample
         pred, prior_pred = pred.chunk(2)
         target, prior_target = noise.chunk(2)
@@ -124,9 +129,8 @@ def training_steps(cfg: UNetConfig, latent: int, repeats: int):
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    s_in, s_after, s_ref = race(ours(in_backward, speed.AdamWInBackward(speed.blocks({"unet": in_backward}), lr, cpu)),
-                                ours(after, speed.AdamWAfterBackward(list(after.parameters()), lr, cpu)),
-                                diffusers_step, repeats=repeats)
+    s_in, s_after, s_ref = race(ours(in_backward, speed.StepInBackward(speed.blocks({"unet": in_backward}), adamw)),
+                                ours(after, adamw(list(after.parameters()))), diffusers_step, repeats=repeats)
     return [("training step, AdamW in backward", s_in, s_ref, "train.py's default"),
             ("training step, AdamW after backward", s_after, s_ref, "")]
 

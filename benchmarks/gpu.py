@@ -7,14 +7,14 @@
 Training, batch 1 subject + 1 prior photo, cached latents. Ours is train.py itself from its setup on: for each row,
 train.py's flags go through its parse_args, then `train.make_step` sets up a StableDiffusion with random weights and
 two random photos (VAE posteriors and contexts cached, channels_last, gradient checkpointing, the optimizer, the CUDA
-graph) and the timed call is the loop's: `optimizer.set_lr(lr); step(generator)`. Rows run eagerly or as one CUDA
+graph) and the timed call is the loop's: `step.lr.fill_(lr); step(generator)`. Rows run eagerly or as one CUDA
 graph (recorded during the warm-up steps), with gradient checkpointing on and off, with the text encoder trained.
 Peak memory is torch.cuda.max_memory_allocated from the end of setup on, as train.py reports it "in the steps".
 Each training row runs in a process of its own, as train.py does: run in one process, the rows' peaks added up
 (on an H200 the second row peaked at 20.14 GiB after the first, 10.44 GiB alone), the earlier rows' models,
 optimizers and CUDA graph pools still held.
 The reference is the step of diffusers' train_dreambooth.py with diffusers' UNet2DConditionModel (and transformers'
-CLIPTextModel) holding the same weights, its batches drawn by train.py's Photos.draw, bf16 autocast, and torch's
+CLIPTextModel) holding the same weights, its batches drawn by train.py's Batches.draw, bf16 autocast, and torch's
 fused AdamW after backward.
 
 Sampling: 8 images x 50 DDIM steps, classifier-free guidance 7.5, 512 px, fp16 weights: our `generate` (eager, or its
@@ -51,7 +51,7 @@ from dreambooth.ddim import sd_alphas_cumprod  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.unet import UNetConfig, UNetModel  # noqa: E402
 from dreambooth.vae import AutoencoderKL, VAEConfig  # noqa: E402
-from tests.references import (random_model, random_photos, reference_clip, reference_pipeline,  # noqa: E402
+from tests.references import (random_model, random_batches, reference_clip, reference_pipeline,  # noqa: E402
                               reference_unet)
 
 
@@ -151,11 +151,11 @@ def ours_step(sizes, device, graph, checkpointing, train_text_encoder, lora=0):
     sd = random_sd(sizes, device, torch.float32)
     photos = torch.rand(2, 3, sizes.resolution, sizes.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with contextlib.redirect_stdout(io.StringIO()):  # make_step's notices
-        step, optimizer, _ = train.make_step(sd, photos, 1, [args.prior_prompt], args, device)
+        step, _ = train.make_step(sd, photos, 1, [args.prior_prompt], args, device)
     generator = torch.Generator(device).manual_seed(args.seed)
 
     def run():  # the loop's call
-        optimizer.set_lr(args.lr)
+        step.lr.fill_(args.lr)
         step(generator)
 
     return run
@@ -177,14 +177,14 @@ def diffusers_step(sizes, device, graph, checkpointing, train_text_encoder):
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                         beta_schedule="scaled_linear")
-    photos = random_photos(sizes.resolution // 8, device)
+    batches = random_batches(sizes.resolution // 8, device)
     g = torch.Generator().manual_seed(1)
     contexts = torch.randn(2, 77, sizes.unet.context_dim, generator=g).to(device)
     ids = Tokenizer()(["photo of a sks dog", "photo of a dog"]).to(device)
     generator = torch.Generator(device).manual_seed(0)
 
     def step():
-        latents, t, noise, _ = photos.draw(generator)  # one prior prompt: contexts[1]
+        latents, t, noise, _ = batches.draw(generator)  # one prior prompt: contexts[1]
         with torch.autocast(device.type, dtype=torch.bfloat16):
             context = text_encoder(ids).last_hidden_state if train_text_encoder else contexts
             pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample

@@ -9,13 +9,13 @@ subject, and does the class keep its meaning?
 The subject is the pink ring of examples/toy (dreambooth/toyworld.py: SUBJECT), its class "circle", or with
 --subject one of the subjects in benchmarks/subjects/ that no setting was tuned on. The script runs the repo's real
 programs as a user would (make_prior.py, then train.py twice: with and without --prior) and judges every picture
-with toyworld's classical measure (dominant_colour, shape_of, hue_family), which is itself checked first on freshly
+with the toy world's classical measure (benchmarks/measure.py: dominant_colour, shape_of, hue_family), which is itself checked first on freshly
 drawn pictures. Figures printed:
 
   measure     accuracy of dominant_colour / shape_of on drawn pictures of the vocabulary (and of the subject)
   base        the toy model on "a <colour> <shape>": colour right, shape right
   prior       after DreamBooth with prior preservation: "a sks <class>" showing the subject (16 samples); the class
-              kept (toyworld.class_kept on 32 samples of "a <class>", seeds 50-81, before and after: the distance of
+              kept (measure.class_kept on 32 samples of "a <class>", seeds 50-81, before and after: the distance of
               the colour mixes, the seeds that keep their colour family, the samples that show the subject); the
               colour accuracy of the vocabulary prompts
   no prior    the same after plain fine-tuning: the class drifts
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # the repo root: dreambooth/, the programs
 import cli  # noqa: E402
 import dreambooth  # noqa: E402
 import train_settings  # noqa: E402
+from benchmarks import measure  # noqa: E402
 from dreambooth import toyworld  # noqa: E402
 from dreambooth.generate import generate  # noqa: E402
 from dreambooth.images import image_grid  # noqa: E402
@@ -88,10 +89,10 @@ def subject_of(name: str) -> dict:
     folder = ROOT / "benchmarks" / "subjects" / name
     if not (folder / "subject.json").is_file():
         return {"name": "the pink ring", "instance": name, "class": toyworld.SUBJECT["class"],
-                "shows": toyworld.is_subject}
+                "shows": measure.is_subject}
     spec = json.loads((folder / "subject.json").read_text())
     return {"name": name, "instance": str(folder), "class": spec["class"],
-            "shows": lambda image: toyworld.shows(image, spec["shape"], spec["colours"])}
+            "shows": lambda image: measure.shows(image, spec["shape"], spec["colours"])}
 
 
 def check_measure(n: int = 50) -> dict:
@@ -101,9 +102,9 @@ def check_measure(n: int = 50) -> dict:
     for c, s in VOCABULARY:
         for _ in range(n):
             image = toyworld.draw(rng, s, c)
-            colour += toyworld.dominant_colour(image) == c
-            shape += toyworld.shape_of(image) == s
-    subject = sum(toyworld.is_subject(toyworld.draw(rng, toyworld.SUBJECT["shape"], toyworld.SUBJECT["colour"]))
+            colour += measure.dominant_colour(image) == c
+            shape += measure.shape_of(image) == s
+    subject = sum(measure.is_subject(toyworld.draw(rng, toyworld.SUBJECT["shape"], toyworld.SUBJECT["colour"]))
                   for _ in range(n))
     total = n * len(VOCABULARY)
     return {"colour": colour / total, "shape": shape / total, "subject": subject / n}
@@ -125,8 +126,8 @@ def vocabulary_accuracy(sd, args, per_prompt: int) -> dict:
     colour = shape = 0
     for c, s in VOCABULARY:
         images = sample(sd, f"a {c} {s}", per_prompt, args)
-        colour += sum(toyworld.dominant_colour(im) == c for im in images)
-        shape += sum(toyworld.shape_of(im) == s for im in images)
+        colour += sum(measure.dominant_colour(im) == c for im in images)
+        shape += sum(measure.shape_of(im) == s for im in images)
     total = per_prompt * len(VOCABULARY)
     return {"colour": colour / total, "shape": shape / total}
 
@@ -160,7 +161,7 @@ def dreambooth_run(args, work: Path, subject: dict, class_before: list, prior: b
         save_row(sd, f"a {name}", Path(args.images, f"class-with{'' if prior else 'out'}-prior.png"), args,
                  seed=CLASS_SEEDS[0])
     shown = sum(map(subject["shows"], sample(sd, f"a sks {name}", args.n, args)))
-    kept = toyworld.class_kept(class_before, sample(sd, f"a {name}", len(CLASS_SEEDS), args, seed=CLASS_SEEDS[0]),
+    kept = measure.class_kept(class_before, sample(sd, f"a {name}", len(CLASS_SEEDS), args, seed=CLASS_SEEDS[0]),
                                subject["shows"])
     return {"seconds": seconds, "subject": shown, **kept, **vocabulary_accuracy(sd, args, per_prompt=4)}
 
@@ -208,7 +209,7 @@ def main(argv=None):
               f"'a sks {name}' shows the subject {r['subject']}/{args.n} (target >= 12); 'a {name}' (32 seeds): "
               f"colour mix distance {r['distance']:.2f} (target <= 0.25), same colour family {r['kept']}/32 "
               f"(target >= 20), shows the subject {r['shown']}/32 (target <= 2), families after "
-              f"{toyworld.family_counts(r['after'])}; vocabulary colour {r['colour']:.1%} (target 90 %), "
+              f"{measure.family_counts(r['after'])}; vocabulary colour {r['colour']:.1%} (target 90 %), "
               f"shape {r['shape']:.1%}", flush=True)
 
 

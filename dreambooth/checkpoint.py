@@ -32,7 +32,7 @@ from .ddim import sd_alphas_cumprod
 from .files import write_atomic
 from .stable_diffusion import StableDiffusion
 from .tokenizer import Tokenizer
-from .torchfile import CheckpointError, first_line, read_pickle
+from .torchfile import CheckpointError, first_line, read_pickle, what_it_is
 from .unet import UNetConfig, UNetModel
 from .vae import LATENT_SCALE, AutoencoderKL, VAEConfig
 
@@ -86,7 +86,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32, ema: bool =
     text_encoder = _assign(path, text_encoder, parts[CLIP], lambda k: CLIP + k, device, dtype)
     return StableDiffusion(Tokenizer(), text_encoder, unet, vae, sd_alphas_cumprod().to(device),
                            name=name or path.name, resolution=64 if unet.config == UNetConfig.tiny() else 512,
-                           latent_scale=latent_scale(path))
+                           latent_scale=latent_scale(path), sampling=sampling_settings(path))
 
 
 # Keys of published VAE files that load_vae reads past on purpose: LitEma's bookkeeping (the EMA weights themselves
@@ -117,9 +117,9 @@ def load_vae(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> Auto
 
 def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, metadata: dict | None = None) -> None:
     """Write `sd` as a .safetensors file in the original CompVis layout, atomically (files.write_atomic).
-    Weights are cast to `dtype`; the schedule buffers stay float32. The file's metadata holds the latent scale
-    and the VAE's GroupNorm groups where they are not SD v1's (load reads them back; the groups cannot be seen in
-    the weights' shapes), and the strings in `metadata`."""
+    Weights are cast to `dtype`; the schedule buffers stay float32. The file's metadata holds the latent scale,
+    the VAE's GroupNorm groups and the sampling settings where they are not SD v1's (load reads them back; the groups
+    cannot be seen in the weights' shapes), and the strings in `metadata`."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save: {path} must end in .safetensors (the only format save writes)")
@@ -134,7 +134,8 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype=torch.float16, meta
     own_scale = {"latent_scale": repr(sd.latent_scale)} if sd.latent_scale != LATENT_SCALE else {}
     groups = sd.vae.config.norm_groups
     own_groups = {"vae_norm_groups": str(groups)} if groups != VAEConfig().norm_groups else {}
-    metadata = {"format": "pt", **own_scale, **own_groups, **(metadata or {})}
+    own_sampling = {SAMPLING_KEYS[key]: str(value) for key, value in sd.sampling.items()}
+    metadata = {"format": "pt", **own_scale, **own_groups, **own_sampling, **(metadata or {})}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -191,7 +192,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(path, framework="pt") as f:
                 return {key: f.get_tensor(key) for key in f.keys()}
         except SafetensorError as e:
-            raise CheckpointError(f"{path} is truncated or corrupt ({first_line(e)})") from None
+            what = what_it_is(path) or f"is truncated or corrupt ({first_line(e)})"
+            raise CheckpointError(f"{path} {what}") from None
     state = _state_dict(path, read_pickle(path))
     for key, tensor in state.items():
         if not isinstance(key, str):
@@ -239,13 +241,38 @@ def latent_scale(path: Path) -> float:
     value = _metadata(path).get("latent_scale")
     if value is None:
         return LATENT_SCALE
-    try:
-        scale = float(value)
-    except ValueError:
-        scale = math.nan
+    scale = _number(value)
     if not math.isfinite(scale) or scale <= 0:
         raise CheckpointError(f"{path}: metadata latent_scale is {value!r}, not a number above 0")
     return scale
+
+
+# StableDiffusion.sampling's settings and the metadata keys that carry them.
+SAMPLING_KEYS = {"scale": "guidance_scale", "ddim_steps": "ddim_steps"}
+
+
+def sampling_settings(path: Path) -> dict:
+    """{"scale": float, "ddim_steps": int} as far as the file's metadata names them (make_toy.py writes them, and so
+    does save for a model fine-tuned from such a file); {} for SD v1's files, which name none."""
+    metadata, settings = _metadata(Path(path)), {}
+    for name, key in SAMPLING_KEYS.items():
+        if key in metadata:
+            value = metadata[key]
+            number = _number(value)
+            if name == "ddim_steps" and not (number.is_integer() and 1 <= number <= 999):
+                raise CheckpointError(f"{path}: metadata {key} is {value!r}, not a number of steps from 1 to 999")
+            if not math.isfinite(number):
+                raise CheckpointError(f"{path}: metadata {key} is {value!r}, not a finite number")
+            settings[name] = int(number) if name == "ddim_steps" else number
+    return settings
+
+
+def _number(text: str) -> float:
+    """A metadata string as a number; nan where it is none, which the checks then refuse."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _metadata(path: Path) -> dict[str, str]:

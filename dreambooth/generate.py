@@ -16,24 +16,25 @@ from PIL import Image
 
 from .ddim import ddim_sample, guided_eps_fn
 from .images import to_pil
-from .speed import CUDAGraph
+from .speed import CUDAGraphReplay
 from .stable_diffusion import StableDiffusion
 
 
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative_prompt: str = "", steps: int = 50,
              scale: float = 7.5, eta: float = 0.0, height: int | None = None, width: int | None = None,
-             slice_size: int = 1, progress: bool = True, precision: str = "full",
+             slice_size: int = 1, progress: bool = True, precision: str = "fp32",
              cuda_graph: bool = True) -> list[Image.Image]:
     """Generate one PIL image per prompt, image k from seeds[k].
 
     negative_prompt is the "unconditional" prompt of classifier-free guidance ("" as in the CompVis code).
     height/width default to the model's native resolution and must be multiples of 8 (the VAE's factor).
     slice_size is how many images the VAE decodes at a time (1 keeps the decoder's memory small).
-    precision "autocast" runs the networks in float16 under torch.autocast on CUDA (fp32 weights, as the CompVis
-    scripts do); "full" and any CPU run stay in the models' own dtype. A caller's own autocast context is kept.
+    precision "fp16" or "bf16" runs the networks in that dtype under torch.autocast on CUDA (fp32 weights, as the
+    CompVis scripts' "autocast" does); "fp32" and any CPU run stay in the models' own dtype. A caller's own autocast
+    context is kept.
     On CUDA the UNet's weights are put in channels_last (the layout of cuDNN's convolutions; the values are the
-    same) and, with cuda_graph, its guided call is replayed from a CUDA graph (speed.CUDAGraph).
+    same) and, with cuda_graph, its guided call is replayed from a CUDA graph (speed.CUDAGraphReplay).
     Sampled latents that are not finite raise ValueError: they would decode to black images.
     """
     if len(prompts) != len(seeds):
@@ -51,11 +52,11 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
     if cuda:
         sd.unet.to(memory_format=torch.channels_last)
     # No autocast cache of the fp16 weights: a CUDA graph cannot keep it (PyTorch's CUDA-graph notes).
-    use_autocast = precision == "autocast" and cuda
-    with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False) if use_autocast else contextlib.nullcontext():
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if cuda else None
+    with torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext():
         eps_fn = guided_eps_fn(sd.unet, sd.encode_text(prompts), sd.encode_text([negative_prompt]), scale)
         if cuda and cuda_graph:  # the same shapes at every step: record the guided UNet call once, then replay it
-            graph = CUDAGraph(eps_fn)
+            graph = CUDAGraphReplay(eps_fn)
             eps_fn = lambda x, t: graph(x, torch.full((), t, device=x.device))  # noqa: E731 (t: a recorded input)
         latents = ddim_sample(eps_fn, latents, sd.alphas_cumprod, steps, eta, generators, progress)
         if not latents.isfinite().all():  # it would decode to black images

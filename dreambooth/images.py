@@ -1,7 +1,7 @@
 """Reading photos for training and writing generated PNGs.
 
 Photos come from phones and the web: rotated by an EXIF tag, greyscale, CMYK, with an alpha channel or a palette.
-`load_image` turns all of them into the square RGB tensor the VAE expects. Generated images are written as PNGs
+`load_images` turns all of them into the square RGB tensors the VAE expects. Generated images are written as PNGs
 carrying AUTOMATIC1111's 'parameters' text chunk, so A1111's "PNG Info" tab (and people) can read how each was made.
 
 Bad input raises ValueError with a message naming the file or folder.
@@ -44,22 +44,17 @@ def skipped_images(folder) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in OTHER_IMAGE_SUFFIXES and p.is_file())
 
 
-def load_image(path, resolution: int) -> torch.Tensor:
-    """A photo as a FloatTensor [3, resolution, resolution] in [-1, 1]: turned upright by its EXIF tag, made RGB
-    (transparent parts become white), its shorter side resized to `resolution` and the centre cropped."""
-    return _square(_open(path), resolution)
-
-
 def load_images(paths, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """load_image of each path, stacked [N, 3, R, R], and a note naming each photo smaller than `resolution`
-    (it is upscaled, so it comes out blurry)."""
+    """The photos as a FloatTensor [N, 3, R, R] in [-1, 1], R = resolution: each turned upright by its EXIF tag, made
+    RGB (transparent parts become white), its shorter side resized to R and the centre cropped. Also a note naming
+    each photo smaller than R (it is upscaled, so it comes out blurry)."""
     images, notes = [], []
     for path in paths:
         img = _open(path)
         if min(img.size) < resolution:
             notes.append(f"{path}: {img.width}x{img.height} is smaller than {resolution} px and will be upscaled")
-        images.append(_square(img, resolution))
-    return torch.stack(images), notes
+        images.append(ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS))  # centre crop
+    return to_tensor(images).contiguous(), notes  # NCHW, the layout the networks are given
 
 
 def _open(path) -> Image.Image:
@@ -80,10 +75,11 @@ def _open(path) -> Image.Image:
     return img.convert("RGB")
 
 
-def _square(img: Image.Image, resolution: int) -> torch.Tensor:
-    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)  # centre crop, resize
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (3, R, R) in [0, 255]
-    return pixels / 127.5 - 1
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images of one size as a FloatTensor [N, 3, H, W] in [-1, 1]: what the VAE encodes (to_pil's inverse).
+    Its memory is the pictures' own, H, W, channel (torch's channels_last)."""
+    pixels = torch.from_numpy(np.stack([np.asarray(img, dtype=np.float32) for img in images]))  # (N, H, W, 3) 0..255
+    return pixels.permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:

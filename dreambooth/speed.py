@@ -1,80 +1,19 @@
-"""What makes a training step fast in plain PyTorch, and small: AdamW stepped inside backward, so no full gradient
-buffer exists, and a whole step (or a sampler's UNet call) recorded once as a CUDA graph and replayed.
+"""What makes a training step fast in plain PyTorch, and small: two wrappers that the textbook step opts into, each
+named for what it does, and the estimate of a run's memory by which train.py decides on gradient checkpointing.
 
-train.py and generate() use these; each is short and says what problem it solves. Also the estimate of a training
-run's memory by which train.py decides on gradient checkpointing.
+    optimizer = StepInBackward(blocks(trained), make_adamw)   # optimizer.step() done inside loss.backward()
+    step.learn = CUDAGraphReplay(step.learn, warmup=3)        # a whole step recorded once, then replayed
+
+Both leave the step as the textbook writes it (loss.backward(); optimizer.step(); optimizer.zero_grad()), and both
+compute what it computes: the weights come out the same (tests/test_train.py).
 """
 import functools
 
 import torch
 
 
-class AdamW:
-    """What a training loop needs of its optimizer, whichever way it steps: backward(loss) computes the gradients
-    and updates the weights; set_lr; reset (forget a backward that did not finish); a state for resuming.
-
-    torch's AdamW with weight decay 0.01 (its default, as in the DreamBooth seed), fused: one kernel per update, on
-    CUDA and on the CPU. Its learning rate is one tensor that every param group shares, so that set_lr is one write
-    on the device and a CUDA graph's recorded update reads the new value; `capturable` (for a CUDA graph) keeps its
-    step count on the device too, so that nothing in an update reads a value on the host."""
-
-    def __init__(self, groups, lr, device, capturable=False):
-        self.lr, self.capturable = torch.tensor(lr, dtype=torch.float32, device=device), capturable
-        self.optimizers = [torch.optim.AdamW(group, lr=self.lr, fused=True, capturable=capturable)
-                           for group in groups]
-
-    def set_lr(self, lr):
-        self.lr.fill_(lr)
-
-    def reset(self):
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self):
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state):
-        if len(state["optimizers"]) != len(self.optimizers):  # one AdamW per block, or one for all
-            raise ValueError(f"it holds {len(state['optimizers'])} optimizer states, not {len(self.optimizers)}")
-        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
-            for group in optimizer.param_groups:  # loading replaced these with the saved run's
-                group["lr"], group["capturable"] = self.lr, self.capturable
-            for param, moments in optimizer.state.items():  # in the weight's memory layout, which fused AdamW needs
-                for key, value in moments.items():  # (saved on the CPU in NCHW, resumed on CUDA in channels_last)
-                    if value.shape == param.shape:
-                        moments[key] = torch.empty_like(param).copy_(value)
-
-
-class AdamWAfterBackward(AdamW):
-    """The plain way: backward fills every gradient, then one AdamW updates all the weights. Clipping the gradient
-    norm needs this way (it needs the whole gradient first), and so does fp16's loss scaling (it may skip a step)."""
-
-    def __init__(self, params, lr, device, clip_grad=0.0, fp16=False, capturable=False):
-        super().__init__([params], lr, device, capturable)
-        self.params, self.clip_grad = params, clip_grad
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-
-    def backward(self, loss):
-        optimizer = self.optimizers[0]
-        self.scaler.scale(loss).backward()
-        if self.clip_grad:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self):
-        return super().state_dict() | {"scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.scaler.load_state_dict(state["scaler"])
-
-
 def blocks(modules):
-    """The trained parameters of {name: module} grouped by block, the unit AdamWInBackward steps: input_blocks.3,
+    """The trained parameters of {name: module} grouped by block, the unit StepInBackward steps: input_blocks.3,
     middle_block.1, output_blocks.11, time_embed.0 of the UNet; embeddings, encoder.layers.5 of CLIP."""
     groups = {}
     for module_name, module in modules.items():
@@ -85,20 +24,28 @@ def blocks(modules):
     return list(groups.values())
 
 
-class AdamWInBackward(AdamW):
-    """AdamW stepped inside backward: each block has its own AdamW, and a hook on each parameter counts the
-    gradients backward has finished (PyTorch calls it once the gradient is accumulated). When the last one of
-    a block is in, that block's AdamW steps and frees its gradients. So only a few blocks' gradients exist at
-    any time instead of a full copy of the weights (3.4 GB for the SD UNet in fp32), and the weights come out
-    the same as stepping after backward, because AdamW updates each parameter from its own gradient alone."""
+class StepInBackward:
+    """An optimizer whose step happens inside loss.backward(): each block of parameters has its own optimizer
+    (make_optimizer(params)), and a hook on each parameter counts the gradients backward has finished (PyTorch calls
+    it once the gradient is accumulated). When the last one of a block is in, that block's optimizer steps and frees
+    its gradients. So only a few blocks' gradients exist at any time instead of a full copy of the weights (3.4 GB
+    for the SD UNet in fp32), and the weights come out the same as stepping after backward, because AdamW updates
+    each parameter from its own gradient alone.
 
-    def __init__(self, groups, lr, device, capturable=False):
-        super().__init__(groups, lr, device, capturable)
-        self.sizes = [len(group) for group in groups]
+    It stands where the optimizer stands in the textbook step: loss.backward() steps, step() checks that every block
+    did, zero_grad() has nothing left to free (after a backward that did not finish, it frees what is left)."""
+
+    def __init__(self, blocks, make_optimizer):
+        self.optimizers = [make_optimizer(params) for params in blocks]
+        self.sizes = [len(params) for params in blocks]
         self.waiting = list(self.sizes)
-        for i, group in enumerate(groups):
-            for param in group:
+        for i, params in enumerate(blocks):
+            for param in params:
                 param.register_post_accumulate_grad_hook(functools.partial(self.gradient_ready, i))
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
     def gradient_ready(self, i, param):
         self.waiting[i] -= 1
@@ -107,17 +54,18 @@ class AdamWInBackward(AdamW):
             self.optimizers[i].zero_grad(set_to_none=True)
             self.waiting[i] = self.sizes[i]
 
-    def reset(self):
-        super().reset()
-        self.waiting = list(self.sizes)
-
-    def backward(self, loss):
-        loss.backward()  # the weights are updated during this call
+    def step(self):
         if self.waiting != self.sizes:  # a parameter that got no gradient would hold its block back
             raise RuntimeError("some trained parameters got no gradient; step the optimizer after backward instead")
 
+    def zero_grad(self, set_to_none=True):
+        if self.waiting != self.sizes:  # a backward that did not finish (a failed CUDA graph recording)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self.waiting = list(self.sizes)
 
-class CUDAGraph:
+
+class CUDAGraphReplay:
     """fn(*inputs) -> tensor, recorded once as a CUDA graph and replayed at every later call
     (https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs).
 
@@ -176,8 +124,8 @@ class CUDAGraph:
 # ---- memory ---------------------------------------------------------------------------------------------------------
 
 # Activation memory that backward keeps for one 512 px image (64x64 latents) in the full-size UNet under bf16
-# autocast without gradient checkpointing, in GiB: the probe's 13.8 GiB peak at batch 1+1 on an H100, less 9.6 GiB of
-# fp32 weights and AdamW moments, over 2 images (issue 10, ../shared/probes).
+# autocast without gradient checkpointing, in GiB: a measured peak at batch 1+1, less the fp32 weights and AdamW
+# moments, over 2 images (benchmarks/README.md, "Memory").
 ACTIVATIONS_GIB = 2.1
 
 

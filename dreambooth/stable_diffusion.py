@@ -6,7 +6,7 @@ Stable Diffusion is three networks and a noise schedule:
   vae           KL autoencoder: image [B, 3, H, W] <-> latent [B, 4, H/8, W/8]
   alphas_cumprod  the DDPM schedule, alpha-bar_t for t = 0..999
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class StableDiffusion:
     name: str = "tiny"            # file name (or "tiny"), written into image metadata
     resolution: int = 512         # native image size: 512 for SD v1, small for the tiny model
     latent_scale: float = LATENT_SCALE  # the UNet sees VAE latents times this (vae.py); the toy model has its own
+    # How the model is sampled where a program is not told: {"scale": guidance, "ddim_steps": n} as the file's metadata
+    # names them (the toy's: 3.0 and 25); {} for SD v1, whose programs keep their own (sample.py: 7.5 and 50).
+    sampling: dict = field(default_factory=dict)
 
     def to(self, device=None, dtype=None):
         for m in (self.text_encoder, self.unet, self.vae):
@@ -35,9 +38,14 @@ class StableDiffusion:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return device_of(self.unet)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> CLIP context [B, 77, width] on the model's device."""
         return self.text_encoder(self.tokenizer(prompts).to(self.device))
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are."""
+    return next(module.parameters()).device

@@ -26,7 +26,8 @@ def read_pickle(path: Path):
     """What the torch.save file at `path` holds, tensors memory-mapped; CheckpointError (one line naming the file)
     for a file that is not one torch.save wrote or that asks to run code."""
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path} is truncated or corrupt (not a zip archive as torch.save writes)")
+        what = what_it_is(path) or "is truncated or corrupt (not a zip archive as torch.save writes)"
+        raise CheckpointError(f"{path} {what}")
     _check_members(path)
     return _unpickle(path)
 
@@ -63,6 +64,33 @@ def _unpickle(path: Path):
         raise CheckpointError(f"refusing to load {path}: {first_line(e)}") from None
     except (RuntimeError, ValueError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({first_line(e)})") from None
+
+
+# The first bytes of files that people give where a checkpoint goes, and what those files are.
+SIGNATURES = ((b"version https://git-lfs", "is a Git LFS pointer, not the file itself (git lfs pull fetches it)"),
+              (b"\x89PNG", "is a PNG image"), (b"\xff\xd8\xff", "is a JPEG image"), (b"\x1f\x8b", "is gzip-compressed"))
+
+
+def what_it_is(path: Path) -> str | None:
+    """What a file that is not a checkpoint is, said from its first bytes ("is a text file, ..."), for an error that
+    names it; None where they say nothing (a damaged checkpoint, say)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "is empty"
+    what = next((what for magic, what in SIGNATURES if head.startswith(magic)), None)
+    if what or b"\0" in head:
+        return what
+    try:
+        text = head.decode()
+    except UnicodeDecodeError as e:  # text cut inside a character at byte 512 is still text
+        if e.start < len(head) - 3:
+            return None
+        text = head[:e.start].decode()
+    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        return "is an HTML page (a download that failed?), not a checkpoint"
+    return f"is a text file, not a checkpoint (it begins {text.strip().splitlines()[0][:40]!r})" if text.strip() \
+        else "holds only white space"
 
 
 def first_line(error: Exception) -> str:

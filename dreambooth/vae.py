@@ -188,7 +188,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """img [B, 3, H, W] in [-1, 1] -> (mean, logvar), each [B, embed_dim, H/8, W/8].
 
-        A sample is mean + exp(logvar / 2) * noise. logvar is clamped to [-30, 20] as in
+        A sample is sample_latent(mean, logvar). logvar is clamped to [-30, 20] as in
         CompVis' DiagonalGaussianDistribution."""
         mean, logvar = self.quant_conv(self.encoder(img)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
@@ -203,3 +203,9 @@ class AutoencoderKL(nn.Module):
         if slice_size < 1:
             raise ValueError(f"AutoencoderKL.decode: slice_size must be >= 1, got {slice_size}")
         return torch.cat([self.decoder(self.post_quant_conv(part)) for part in z.split(slice_size)])
+
+
+def sample_latent(mean: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
+    """A latent z ~ q(z|x) = N(mean, exp(logvar)) from encode's posterior: mean + exp(logvar / 2) * noise (the
+    reparameterisation trick), the noise drawn from `generator` (None: torch's global one) on mean's device."""
+    return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device)

@@ -26,7 +26,6 @@ import torch
 
 from dreambooth.checkpoint import CLIP, UNET, VAE
 from dreambooth.clip import CLIPConfig
-from dreambooth.data import Photos
 from dreambooth.tokenizer import VOCAB_FILE
 from dreambooth.unet import UNetConfig
 from dreambooth.vae import LATENT_SCALE, VAEConfig
@@ -67,15 +66,16 @@ def random_model(cls, cfg, device="cpu", seed: int = 0, dtype=torch.float32):
     return random_weights_(model.to_empty(device=device), seed)
 
 
-def random_photos(side: int, device, seed: int = 0):
+def random_batches(side: int, device, seed: int = 0):
     """train.py's cache for 1 subject + 1 prior photo, with random numbers: the VAE posteriors (mean, logvar) of each
     photo and its mirror image, [2, 2, 8, side, side], logvar around -8 (posterior sigmas ~0.02, like a real VAE's),
-    in the data.Photos that a step draws its batches from (SD v1's latent scale)."""
+    in the train.Batches that a step draws from (SD v1's latent scale)."""
+    from train import Batches  # a program: imported only where it is used
     posteriors = torch.randn(2, 2, 8, side, side, generator=torch.Generator().manual_seed(seed))
     posteriors[:, :, 4:] -= 8
     prior_rows = torch.ones(1, dtype=torch.long, device=device)  # the prior photo's prompt: the step's contexts[1]
-    return Photos(posteriors.to(device), None, None, n_instance=1, prior_rows=prior_rows, batch_size=1,
-                  latent_scale=LATENT_SCALE)
+    return Batches(posteriors.to(device), None, None, n_instance=1, prior_rows=prior_rows, batch_size=1,
+                   latent_scale=LATENT_SCALE)
 
 
 def random_lora(sd, path, rank=4, alpha=2.0, seed=1, std=0.5):

@@ -12,12 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("program, usage, defaults", [
-    ("train.py", "train.py --instance DIR --class NAME", ["--steps STEPS", "(default: 800)", "default 1e-6, with --lora 1e-4",
-                                                           "(default: sks)", "(default: 42)", "(default: 200)"]),
-    ("sample.py", "(--prompt PROMPT | --from-file FILE)", ["default 50 (toy models: 25)",
-                                                           "default 7.5 (toy models: 3.0)", "(default: 42)",
-                                                           "(default: 0.0)", "(default: outputs/samples)"]),
-    ("make_prior.py", "make_prior.py --class NAME", ["(default: 200)", "default 10.0 (toy models: 3.0)",
+    ("train.py", "train.py --instance DIR --class NAME", [
+        "--steps STEPS", "(default: 800; toy: 1000)", "default 1e-6, with --lora 1e-4 (toy: 3e-4)",
+        "(default: 1; toy: 4)", "(default: 0.0; toy: 0.1)", "(default: noise; toy: base)",
+        "default 50, or the model file's (toy: 25)", "(default: sks)", "(default: 42)", "(default: 200)"]),
+    ("sample.py", "(--prompt PROMPT | --from-file FILE)", ["default 50, or the model file's (toy: 25)",
+                                                           "default 7.5, or the model file's (toy: 3.0)",
+                                                           "(default: 42)", "(default: 0.0)",
+                                                           "(default: outputs/samples)", "(default: fp16)"]),
+    ("make_prior.py", "make_prior.py --class NAME", ["(default: 200)", "default 10.0, or the model file's (toy: 3.0)",
                                                      "(default: 4)"]),
 ])
 def test_help_shows_defaults_and_ends_with_examples(program, usage, defaults):

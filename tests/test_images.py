@@ -7,8 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.images import (a1111_parameters, image_grid, list_images, load_image, load_images, next_index,
+from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, next_index,
                                save_png, to_pil)
+
+
+def load_image(path, resolution):
+    """One photo as load_images reads it: [3, R, R]."""
+    return load_images([path], resolution)[0][0]
 
 
 def test_list_images_sorted_and_filtered(tmp_path):

@@ -34,7 +34,7 @@ def test_vae_from_keeps_the_earlier_files_vae_and_trains_a_new_unet(tmp_path, sm
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
     make_toy.main(FEW_STEPS + ["--out", str(first), "--subject-dir", str(tmp_path / "subj")])
     make_toy.main(["--vae-from", str(first), "--unet-steps", "3", "--threads", "1", "--out", str(second),
-                   "--subject-dir", str(tmp_path / "subj")])
+                   "--subject-dir", str(tmp_path / "subj2")])
     a, b = dreambooth.load(first), dreambooth.load(second)
     assert b.latent_scale == a.latent_scale
     assert a.vae.config.norm_groups == b.vae.config.norm_groups == 8

@@ -1,6 +1,6 @@
 """The toy model (dreambooth/toy.safetensors, made by make_toy.py): DreamBooth visibly teaches it its subject.
 
-The subject is the pink ring of examples/toy, class "circle"; dreambooth/toyworld.py's classical measure says
+The subject is the pink ring of examples/toy, class "circle"; benchmarks/measure.py's classical measure says
 which samples show it. This is a short version of benchmarks/toy.py, with thresholds: it fails if the noising, the
 loss target, the latent scale or the sampler is wrong (each was broken on purpose once and the test failed; see
 the README, "The toy world")."""
@@ -11,9 +11,10 @@ import torch
 import dreambooth
 import make_toy
 import train
+from benchmarks import measure
 from dreambooth import toyworld
 from dreambooth.generate import generate
-from dreambooth.images import to_pil
+from dreambooth.images import to_pil, to_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the counts below are those of one thread
 SEEDS = list(range(100, 116))
@@ -31,31 +32,31 @@ def test_dreambooth_teaches_the_toy_model_its_subject(tmp_path):
     colour spreads to the other prompts, the nearer in hue the sooner (blue triangles turned purple: 3/16 kept
     blue), and a model that draws only the subject keeps none."""
     base = dreambooth.load("toy")
-    assert sum(map(toyworld.is_subject, samples(base, "a sks circle"))) <= 1
+    assert sum(map(measure.is_subject, samples(base, "a sks circle"))) <= 1
     out = tmp_path / "run"
     with torch.enable_grad():
         train.main(["--instance", "examples/toy", "--class", "circle", "--ckpt", "toy", "--steps", "250",
                     "--sample-every", "0", "--device", "cpu", "--out", str(out)])
     trained = dreambooth.load(out / "model.safetensors")
-    subject = sum(map(toyworld.is_subject, samples(trained, "a sks circle")))
-    yellow = sum(toyworld.dominant_colour(image) == "yellow" for image in samples(trained, "a yellow square"))
+    subject = sum(map(measure.is_subject, samples(trained, "a sks circle")))
+    yellow = sum(measure.dominant_colour(image) == "yellow" for image in samples(trained, "a yellow square"))
     print(f"subject {subject}/16, yellow squares still yellow {yellow}/16")
     assert subject >= 8
     assert yellow >= 8
 
 
 def test_the_measure_reads_drawn_pictures():
-    """toyworld's classical measure, which the DreamBooth checks rely on, names the colour and shape of freshly
+    """The toy world's classical measure, which the DreamBooth checks rely on, names the colour and shape of freshly
     drawn pictures (benchmarks/toy.py checks it on 650 more), and tells the subject from a plain pink circle."""
     rng = np.random.default_rng(7)
     for shape in toyworld.SHAPES:
         for colour in toyworld.COLOURS:
             for _ in range(4):
                 image = toyworld.draw(rng, shape, colour)
-                assert (toyworld.dominant_colour(image), toyworld.shape_of(image)) == (colour, shape)
+                assert (measure.dominant_colour(image), measure.shape_of(image)) == (colour, shape)
     subject = toyworld.SUBJECT
-    assert all(toyworld.is_subject(toyworld.draw(rng, subject["shape"], subject["colour"])) for _ in range(8))
-    assert not any(toyworld.is_subject(toyworld.draw(rng, "circle", subject["colour"])) for _ in range(8))
+    assert all(measure.is_subject(toyworld.draw(rng, subject["shape"], subject["colour"])) for _ in range(8))
+    assert not any(measure.is_subject(toyworld.draw(rng, "circle", subject["colour"])) for _ in range(8))
 
 
 @torch.no_grad()
@@ -70,15 +71,15 @@ def test_the_toy_vae_gives_back_the_colours_it_encodes():
     colours = [c for c in toyworld.COLOURS for _ in range(12)]
     pictures = [toyworld.draw(rng, str(rng.choice(toyworld.SHAPES)), c) for c in colours]
     rings = [toyworld.draw(rng, toyworld.SUBJECT["shape"], toyworld.SUBJECT["colour"]) for _ in range(8)]
-    latents = sd.vae.encode(make_toy.to_tensor(pictures + rings))[0] * sd.latent_scale
+    latents = sd.vae.encode(to_tensor(pictures + rings))[0] * sd.latent_scale
     generator = torch.Generator().manual_seed(0)
     # Of 48, the shipped file: 48 and 47 (subject 8/8 and 8/8); the --seed 1 VAE of the README's table: 22 (and of its
     # subject then, an orange ring, 3/8); the 2026-11-26 VAE gives pink rings back orange or grey (0 of 24 pink).
     for noise, at_least in ((0.0, 44), (0.3, 42)):
         moved = latents + noise * torch.randn(latents.shape, generator=generator)
         images = [to_pil(image) for image in sd.vae.decode(moved / sd.latent_scale, len(moved))]
-        right = sum(toyworld.dominant_colour(image) == c for image, c in zip(images, colours))
-        subject = sum(map(toyworld.is_subject, images[len(colours):]))
+        right = sum(measure.dominant_colour(image) == c for image, c in zip(images, colours))
+        subject = sum(map(measure.is_subject, images[len(colours):]))
         print(f"latent noise {noise}: colour right {right}/{len(colours)}, subject {subject}/{len(rings)}")
         assert right >= at_least
         assert subject >= len(rings) - 1

@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 import dreambooth
 import train
 import train_settings
+import train_setup
 from dreambooth import speed
 from dreambooth.ddim import add_noise
-from dreambooth.images import load_image
+from dreambooth.images import load_images
 from dreambooth.vae import LATENT_SCALE
 from tests.conftest import run
 
@@ -42,8 +43,8 @@ def eq2_by_hand(photos, seed, batch_size, prior_weight, lr, prior_prompt, clip_g
     Returns ([loss, instance, prior], the UNet after)."""
     sd = dreambooth.load("tiny")
     g = torch.Generator().manual_seed(seed)
-    images = torch.stack([load_image(p, 64) for folder in ("instance", "prior")
-                          for p in sorted((photos / folder).glob("*.png"))])  # 2 subject photos, then 3 prior
+    images, _ = load_images([p for folder in ("instance", "prior")
+                             for p in sorted((photos / folder).glob("*.png"))], 64)  # 2 subject photos, then 3 prior
     idx = torch.cat([torch.randint(2, (batch_size,), generator=g), 2 + torch.randint(3, (batch_size,), generator=g)])
     flip = torch.randint(2, idx.shape, generator=g).bool().view(-1, 1, 1, 1)
     with torch.no_grad():
@@ -72,8 +73,8 @@ def make_step(photos, *flags):
     args, _ = train_settings.parse_args(["--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
                                 "--class", "dog", "--ckpt", "tiny", "--device", "cpu", "--resolution", "64", *flags])
     train_settings.resolve_defaults(args)
-    sd, images, n_instance, prior_prompts = train.load_model_and_photos(args, torch.device("cpu"))
-    step, optimizer, trained = train.make_step(sd, images, n_instance, prior_prompts, args, torch.device("cpu"))
+    sd, images, n_instance, prior_prompts = train_setup.load_model_and_photos(args, torch.device("cpu"))
+    step, trained = train.make_step(sd, images, n_instance, prior_prompts, args, torch.device("cpu"))
     return sd, step
 
 
@@ -216,7 +217,7 @@ def test_short_run_learns_and_writes_a_usable_run(photos, tmp_path, capsys):
 
     before, after = dreambooth.load("tiny"), dreambooth.load(out / "model.safetensors")
     with torch.no_grad():
-        mean, _ = before.vae.encode(load_image(photos / "one" / "00.png", 64)[None])
+        mean, _ = before.vae.encode(load_images([photos / "one" / "00.png"], 64)[0])
         latents = (mean * LATENT_SCALE).expand(4, -1, -1, -1)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([50, 300, 600, 900])
@@ -397,7 +398,7 @@ def test_why_the_step_runs_eagerly(photos, tmp_path, capsys):
     """On CUDA the step is one CUDA graph unless a setting needs the host inside the step; each reason is a line."""
     def why(*flags):
         args, _ = train_settings.parse_args(["--instance", "x", "--class", "dog", *flags])
-        return train.why_eager(args, torch.device("cuda"))
+        return train_setup.why_no_cuda_graph(args, torch.device("cuda"))
 
     assert why("--precision", "bf16") is None and why("--precision", "fp32", "--no-cache") is None
     assert "fp16" in why("--precision", "fp16")
@@ -422,13 +423,13 @@ def test_a_failed_recording_goes_on_eagerly(photos, monkeypatch, capsys):
     streams = []
     monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
     sd_graph, graphed = make_step(photos, "--lr", "1e-3")
-    graphed.compute = speed.CUDAGraph(graphed.learn, 0, graphed.recording_failed)  # what --cuda-graph makes on CUDA
+    graphed.learn = speed.CUDAGraphReplay(graphed.learn, 0, graphed.recording_failed)  # what --cuda-graph makes on CUDA
     sd_eager, eager = make_step(photos, "--lr", "1e-3")
     g_graph, g_eager = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for _ in range(3):
         assert torch.equal(graphed(g_graph), eager(g_eager))
     assert "recording the CUDA graph failed (operation not permitted" in capsys.readouterr().out
-    assert streams == ["the stream before"] and graphed.compute.graph is None  # the failed recording is let go
+    assert streams == ["the stream before"] and graphed.learn.graph is None  # the failed recording is let go
     assert all(torch.equal(a, b) for a, b in zip(sd_graph.unet.parameters(), sd_eager.unet.parameters()))
 
 

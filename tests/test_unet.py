@@ -10,12 +10,11 @@ import torch
 from dreambooth.unet import UNetConfig, UNetModel
 from tests.references import assert_close, random_model, reference_unet
 
-pytest.importorskip("diffusers")
-
 
 def build_pair(cfg: UNetConfig):
     """Ours with random weights, and diffusers' holding the same tensors (no second copy in RAM), loaded strictly
     through diffusers' LDM converter."""
+    pytest.importorskip("diffusers")  # only the tests that compare with it need it
     ours = random_model(UNetModel, cfg).eval()
     return ours, reference_unet(ours)
 

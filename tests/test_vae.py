@@ -14,18 +14,17 @@ import torch.nn.functional as F
 
 import dreambooth
 from dreambooth import vae as vae_module
-from dreambooth.data import encode_posteriors, sample_latents
 from dreambooth.generate import generate
 from dreambooth.images import to_pil
-from dreambooth.vae import AutoencoderKL, VAEConfig
+from dreambooth.vae import AutoencoderKL, VAEConfig, sample_latent
 from tests.references import assert_close, random_model, random_weights_, reference_vae
-
-pytest.importorskip("diffusers")
+from train import encode_posteriors
 
 
 def build_pair(cfg: VAEConfig):
     """Ours with random weights, and diffusers' holding the same tensors, loaded strictly through diffusers'
     LDM converter."""
+    pytest.importorskip("diffusers")  # only the tests that compare with it need it
     ours = random_model(AutoencoderKL, cfg).eval()
     return ours, reference_vae(ours)
 
@@ -64,7 +63,7 @@ def test_generate_decodes_the_latents_training_learns_from(monkeypatch):
     photo = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
     posterior = encode_posteriors(sd.vae, photo, "cpu")[:, 0]  # not mirrored: [1, 8 (mean, logvar), 8, 8]
     posterior[:, 4:] = -30  # sigma 3e-7: the drawn latent is the mean
-    latents = sample_latents(posterior, torch.Generator().manual_seed(6), sd.latent_scale)
+    latents = sample_latent(*posterior.chunk(2, dim=1), torch.Generator().manual_seed(6)) * sd.latent_scale
     monkeypatch.setattr("dreambooth.generate.ddim_sample", lambda *args: latents)  # the sampler's result
     image = np.asarray(generate(sd, ["a photo"], [0], steps=1, progress=False)[0], np.int16)
     expected = np.asarray(to_pil(sd.vae.decode(posterior[:, :4])[0]), np.int16)

@@ -4,7 +4,7 @@ toy recipe beyond the shipped pink ring (benchmarks/toy.py --subject NAME). Run 
     python benchmarks/subjects/draw.py      # writes benchmarks/subjects/<name>/00.png ... 04.png
 
 Each subject.json says what benchmarks/toy.py needs: the class word, and the shape and colours that
-toyworld.shows looks for.
+measure.shows looks for.
 """
 import json
 import sys

@@ -1,0 +1,242 @@
+"""What train.py's main() and make_step call to set up a run, and to save and resume it, each a small function:
+
+    load_model_and_photos   the folders checked, the model loaded, the photos read
+    trained_modules         what trains: the UNet (and CLIP), or LoRA adapters beside the frozen model
+    encode_prompts          the prompts' token ids and their contexts, computed once
+    frozen_base             --prior-loss base: the frozen base UNet
+    make_optimizer          AdamW, stepped inside backward where that pays; gradient checkpointing; the CUDA graph
+    save, resume            the run folder's files: model.safetensors (or lora.safetensors) and train_state.pt
+
+model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI, diffusers). train_state.pt holds everything
+else needed to continue exactly: the fp32 weights being trained (continuing from the fp16 copy would round them),
+the optimizer states, the step, the data generator's state and the settings.
+"""
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+import cli
+import dreambooth
+from dreambooth import speed
+from dreambooth.files import replace_all, why_write_failed, write_atomic
+from dreambooth.images import list_images, load_images, skipped_images
+from dreambooth.lora import LoRA, kohya_metadata, save_lora
+from dreambooth.torchfile import first_line
+from train_settings import manifest_prompts
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
+
+
+def autocast(args):
+    """The --precision of the networks: bf16/fp16 autocast keeps the fp32 weights and casts them where it pays.
+    Without its cache of those casts: a CUDA graph cannot keep it, and each weight is used once per forward anyway."""
+    return torch.autocast(torch.device(args.device).type, dtype=PRECISIONS[args.precision],
+                          enabled=args.precision != "fp32", cache_enabled=False)
+
+
+def load_model_and_photos(args, device):
+    """Returns (sd, images [N, 3, R, R], n_instance, prior_prompts); rows are the subject's photos, then the prior's,
+    each with its prompt (train_settings.manifest_prompts, else --prior-prompt). Fills in what the model decides:
+    --resolution and --sample-steps.
+    The folders are checked before the model loads, so mistakes show in seconds; bad input (a folder, an image, a
+    checkpoint) stops the run with one line naming it."""
+    if not args.prior:
+        print("warning: no --prior: plain fine-tuning without prior preservation; the class may drift to the subject")
+    try:
+        instance_paths = list_images(args.instance)
+        prior_paths = list_images(args.prior) if args.prior else []
+        for path in skipped_images(args.instance) + (skipped_images(args.prior) if args.prior else []):
+            print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
+        if args.prior and len(prior_paths) < len(instance_paths):
+            raise ValueError(f"--prior {args.prior} has {len(prior_paths)} images, fewer than the {len(instance_paths)}"
+                             f" in --instance; make more with: python make_prior.py --class {args.class_name} "
+                             f"--outdir {args.prior}")
+        sd = dreambooth.load(args.ckpt, device=device, dtype=torch.float32, ema=args.ema)  # fp32 master weights
+        args.resolution = args.resolution or sd.resolution
+        args.sample_steps = args.sample_steps or sd.sampling.get("ddim_steps", cli.SD_DDIM_STEPS)
+        images, notes = load_images(instance_paths + prior_paths, args.resolution)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    for note in notes:
+        print(f"note: {note}")
+    listed = manifest_prompts(args.prior)
+    return sd, images, len(instance_paths), [listed.get(path.name, args.prior_prompt) for path in prior_paths]
+
+
+def trained_modules(sd, args, device):
+    """{name: module} of what trains, in train mode with gradients; the rest frozen. With --lora only the adapters
+    train: the base weights are frozen and held in fp16 on a GPU (they need no gradients anyway)."""
+    if args.lora:
+        trained = {"lora": LoRA(sd, args.lora, args.lora_alpha, args.train_text_encoder, args.seed).attach()}
+        if device.type == "cuda" and args.precision != "fp32":
+            sd.unet.half()
+            sd.text_encoder.half()
+    else:
+        trained = {"unet": sd.unet} | ({"text_encoder": sd.text_encoder} if args.train_text_encoder else {})
+    sd.vae.requires_grad_(False).eval()
+    sd.unet.requires_grad_(not args.lora).train()
+    sd.text_encoder.requires_grad_(args.train_text_encoder and not args.lora).train(args.train_text_encoder)
+    return trained
+
+
+def encode_prompts(sd, args, prior_prompts, base_prior, device):
+    """The prompts a step uses, each once: the instance prompt, the prior's, and with --prior-loss base the empty
+    prompt last. Returns (ids [K, 77], their contexts before training or None, each prior image's row of them); a
+    frozen text encoder then leaves the GPU."""
+    prompts = [args.instance_prompt, *dict.fromkeys(prior_prompts)]
+    cli.note_long_prompts(sd.tokenizer, prompts)
+    ids = sd.tokenizer(prompts + [""] * base_prior).to(device)
+    prior_rows = torch.tensor([prompts.index(p) for p in prior_prompts], dtype=torch.long, device=device)
+    contexts = None
+    if not args.train_text_encoder or base_prior:  # the contexts before training: the base model's
+        with torch.no_grad():
+            contexts = sd.text_encoder(ids)
+    if not args.train_text_encoder:
+        sd.text_encoder.to("cpu")
+    return ids, contexts, prior_rows
+
+
+def frozen_base(unet, lora, precision):
+    """The base UNet for --prior-loss base, frozen: with --lora the UNet itself with its adapters off (its weights are
+    the base's), else a copy taken before training, held in the autocast dtype (the dtype its forward runs in)."""
+    if lora is not None:
+        return lora.off(unet)
+    return copy.deepcopy(unet).requires_grad_(False).eval().to(PRECISIONS[precision])
+
+
+def make_optimizer(args, unet, trained, images_per_step, device):
+    """AdamW over the trained weights, stepped inside backward where that pays (speed.StepInBackward), gradient
+    checkpointing where memory needs it, and whether the step can be one CUDA graph; the choices in two lines.
+    Returns (optimizer, lr, scaler, graph)."""
+    params = [p for m in trained.values() for p in m.parameters()]
+    # Stepping inside backward saves a whole gradient buffer, which LoRA's small adapters do not need: one AdamW for
+    # all of them launches fewer kernels than one per adapter, and ran faster (benchmarks/README.md).
+    after_backward = bool(args.lora or args.no_step_in_backward or args.clip_grad or args.precision == "fp16")
+    checkpointing, why = choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device)
+    unet.set_grad_checkpointing(checkpointing)
+    why_eager = why_no_cuda_graph(args, device)
+    graph = why_eager is None
+    # torch's AdamW with weight decay 0.01 (its default, as in the seed), fused: one kernel per update. Its learning
+    # rate is one tensor on the device, so that setting it is one write which a CUDA graph's recorded update reads;
+    # `capturable` keeps its step count on the device too, so that nothing in an update reads a value on the host.
+    lr = torch.tensor(args.lr, dtype=torch.float32, device=device)
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=lr, fused=True, capturable=graph)
+
+    optimizer = adamw(params) if after_backward else speed.StepInBackward(speed.blocks(trained), adamw)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    print(f"{why}\nstep: {'one CUDA graph, recorded after 3 eager steps' if graph else f'eager ({why_eager})'}; "
+          f"optimizer stepped {'after' if after_backward else 'inside'} backward")
+    return optimizer, lr, scaler, graph
+
+
+def why_no_cuda_graph(args, device):
+    """Why the step cannot be one CUDA graph here (a line), or None where it can."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if not args.cuda_graph:
+        return "--no-cuda-graph"
+    if args.precision == "fp16":
+        return "fp16's loss scaler checks the gradients on the host and may skip a step; bf16 runs as one CUDA graph"
+    if args.clip_grad:
+        return "--clip-grad is not recorded in the graph; without it the step runs as one CUDA graph"
+    return None
+
+
+def choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device):
+    """Gradient checkpointing keeps only each UNet block's input in forward and recomputes the block in backward:
+    a fraction of the activation memory, for more time per step. --grad-checkpointing / --no-grad-checkpointing
+    decide; by default it is on only where the GPU could not hold the run without it.
+    Returns (on, one line saying which and why)."""
+    if args.grad_checkpointing is not None:
+        return args.grad_checkpointing, f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'} (asked)"
+    if device.type != "cuda":
+        return False, "gradient checkpointing off: memory is not the limit on a CPU (--grad-checkpointing turns it on)"
+    need = speed.training_memory_gib(unet, params, images_per_step, args.resolution, args.precision == "fp32",
+                                     after_backward)
+    free = speed.free_gpu_memory_gib(device)
+    on = need > 0.85 * free
+    return on, (f"gradient checkpointing {'on' if on else 'off'}: without it the run needs about {need:.1f} GiB more "
+                f"and {free:.1f} GiB of GPU memory are free (--{'no-' if on else ''}grad-checkpointing forces it)")
+
+
+def torch_optimizers(optimizer):
+    """The torch optimizers behind a run's optimizer: the AdamW itself, or StepInBackward's one per block."""
+    return optimizer.optimizers if isinstance(optimizer, speed.StepInBackward) else [optimizer]
+
+
+def resume(args, state, trained, step, generator):
+    """The trained weights, the optimizer and the data generator where the run stopped; returns its step."""
+    try:
+        for name, weights in state["weights"].items():
+            trained[name].load_state_dict(weights)
+        generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
+        optimizers, saved = torch_optimizers(step.optimizer), list(state["optimizers"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise SystemExit(f"train.py: error: --resume {args.resume}: train_state.pt does not fit this run "
+                         f"({first_line(e)})") from None
+    try:
+        if len(saved) != len(optimizers):  # one AdamW per block, or one for all
+            raise ValueError(f"it holds {len(saved)} optimizer states, not {len(optimizers)}")
+        for optimizer, its_state in zip(optimizers, saved):
+            load_optimizer_state(optimizer, its_state, step.lr)
+        step.scaler.load_state_dict(state.get("scaler", {}))
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"train.py: error: --resume {args.resume}: {first_line(e)}; keep the run's --precision, "
+                         "--clip-grad and --no-step-in-backward, which decide whether the optimizer steps inside "
+                         "backward") from None
+    return state["step"]
+
+
+def load_optimizer_state(optimizer, state, lr):
+    """A torch optimizer's saved state, with this run's learning-rate tensor and CUDA-graph setting, and its moments
+    in the memory layout of their weights, which fused AdamW needs (saved on the CPU in NCHW, resumed on CUDA in
+    channels_last)."""
+    capturable = optimizer.param_groups[0]["capturable"]
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:  # loading replaced these with the saved run's
+        group["lr"], group["capturable"] = lr, capturable
+    for param, moments in optimizer.state.items():
+        for key, value in moments.items():
+            if value.shape == param.shape:
+                moments[key] = torch.empty_like(param).copy_(value)
+
+
+def save(out, sd, trained, train_step, step, args, generator, log):
+    """model.safetensors (fp16, the original CompVis key layout) or lora.safetensors, and train_state.pt, all of one
+    step: each is written whole into the staging folder out/.saving, then all are renamed into place
+    (files.replace_all). So a failed write (a full disk, said in one line) leaves the folder as the last good save
+    left it, and a folder never holds a model of one step beside the train state of another."""
+    state = {"step": step, "args": vars(args), "weights": {name: m.state_dict() for name, m in trained.items()},
+             "optimizers": [o.state_dict() for o in torch_optimizers(train_step.optimizer)],
+             **({} if isinstance(train_step.optimizer, speed.StepInBackward) else
+                {"scaler": train_step.scaler.state_dict()}),
+             "data_rng": generator.get_state(), "log": log.state()}
+    staging = out / ".saving"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # what a run killed while saving left
+        staging.mkdir()
+        if not args.lora:
+            dreambooth.save(sd, staging / "model.safetensors")
+        else:
+            comment = (f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
+                       f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step")
+            save_lora(trained["lora"], staging / "lora.safetensors", kohya_metadata(
+                args.lora, args.lora_alpha, Path(args.ckpt).name, learning_rate=args.lr, steps=step,
+                max_train_steps=args.steps, seed=args.seed, resolution=args.resolution, training_comment=comment))
+            if args.save_merged:
+                with trained["lora"].merged():
+                    dreambooth.save(sd, staging / "model.safetensors")
+        write_atomic(staging / "train_state.pt", lambda tmp: torch.save(state, tmp))
+        replace_all(staging, out)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        params = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
+        trained_params = sum(p.numel() for m in trained.values() for p in m.parameters())
+        need = 2 * params + 12 * trained_params  # the fp16 model; the fp32 trained weights and their two moments
+        raise log.stop(f"saving step {step} failed: {why_write_failed(e, out, need)}") from None
+    log.saved_step = step
