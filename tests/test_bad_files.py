@@ -9,9 +9,11 @@ import zipfile
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import dreambooth
+import train
 from dreambooth.checkpoint import UNET, VAE, CheckpointError
 from dreambooth.lora import load_lora
 from tests.references import random_lora
@@ -171,3 +173,27 @@ def test_a_lora_scale_that_overflows_is_refused(tmp_path):
         load_lora(dreambooth.load("tiny"), path, math.nan)
     with pytest.raises(CheckpointError, match=r"at scale 1e\+300 changes its layer by values that are not finite"):
         load_lora(dreambooth.load("tiny"), path, 1e300)  # a float64 number; no float32 weight holds it
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"hello, this is not a model\nline two", "is a text file, not a checkpoint (it begins 'hello, this is not a model')"),
+    (b"<!DOCTYPE html><html><body>404</body></html>", "is an HTML page (a download that failed?), not a checkpoint"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 4265380512\n",
+     "is a Git LFS pointer, not the file itself (git lfs pull fetches it)"),
+    (b"", "is empty"),
+])
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, capsys, content, what, suffix):
+    """A text file, a web page saved by a failed download, a Git LFS pointer or an empty file given as --ckpt is
+    called what it is, in the one line train.py prints before anything else (not "truncated or corrupt")."""
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{path} {what}") + "$"):
+        dreambooth.load(path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 64), "red").save(photos / "00.png")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--ckpt", str(path), "--instance", str(photos), "--class", "dog", "--out", str(tmp_path / "run")])
+    assert str(e.value.code) == f"train.py: error: {path} {what}"
+    assert "learning rate" not in capsys.readouterr().out

@@ -116,6 +116,22 @@ def test_latent_scale_and_metadata_travel_in_the_file(tmp_path):
     assert dreambooth.load(ckpt).latent_scale == 0.18215
 
 
+def test_the_toys_sampling_settings_travel_in_its_file(tmp_path):
+    """The toy's guidance scale and DDIM steps are its file's metadata, as its latent scale is: read into
+    StableDiffusion.sampling, written again with a model fine-tuned from it, none for SD v1's files; a value that is
+    no number of steps or not finite is refused in one line naming the key."""
+    toy = dreambooth.load("toy")
+    assert toy.sampling == {"scale": 3.0, "ddim_steps": 25}
+    dreambooth.save(toy, tmp_path / "tuned.safetensors")
+    assert dreambooth.load(tmp_path / "tuned.safetensors").sampling == {"scale": 3.0, "ddim_steps": 25}
+    dreambooth.save(dreambooth.load("tiny"), tmp_path / "sd.safetensors")
+    assert dreambooth.load(tmp_path / "sd.safetensors").sampling == {}
+    for key, value in (("ddim_steps", "2.5"), ("ddim_steps", "0"), ("guidance_scale", "nan"), ("guidance_scale", "x")):
+        save_file(load_file(tmp_path / "sd.safetensors"), tmp_path / "bad.safetensors", metadata={key: value})
+        with pytest.raises(CheckpointError, match=f"metadata {key} is '{value}', not a"):
+            dreambooth.load(tmp_path / "bad.safetensors")
+
+
 @torch.no_grad()
 def test_vae_norm_groups_travel_in_the_file(tmp_path):
     """GroupNorm's groups do not show in the weights' shapes, so a VAE with other groups than SD's 32 (the toy

@@ -1,5 +1,7 @@
 """What the three programs share (cli.py): --help with every default and example commands, exit codes, the model
 name in image metadata."""
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import cli
+import train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +67,29 @@ def test_long_prompts_get_one_plain_line_each(capsys):
     tokens, kept = dreambooth.Tokenizer().cut(long)  # cut() itself is checked against CLIPTokenizerFast
     assert lines == [f"note: prompt 2 of 3 is {tokens} tokens; CLIP reads 75, so the text after '...{kept[-30:]}' "
                      "is ignored"]
+
+
+def examples(program):
+    result = subprocess.run([sys.executable, program, "--help"], cwd=ROOT, capture_output=True, text=True)
+    return [shlex.split(line.split("#")[0])[2:] for line in result.stdout.split("examples:\n")[1].splitlines()]
+
+
+def test_the_resume_example_continues_the_toy_example_run():
+    """train.py's --help: the --resume example continues the run of the toy example (its folder) past the step that
+    run stops at, the toy's --steps, so it trains rather than saying the run is done."""
+    toy_run, resume = [argv for argv in examples("train.py") if "runs/demo" in argv]
+    args, _ = train_settings.parse_args(toy_run)
+    assert args.ckpt == "toy" or Path("weights/sd-v1-4.ckpt").is_file()
+    assert resume[:2] == ["--resume", args.out]
+    assert int(resume[resume.index("--steps") + 1]) > cli.TOY_DEFAULTS["train.py"]["steps"] == args.steps
+
+
+@pytest.mark.parametrize("program", ["train.py", "sample.py", "make_prior.py", "make_toy.py"])
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(program, tmp_path):
+    """Ctrl-C while the program is still importing (torch takes seconds) ends it as it ends it later: the line
+    "interrupted" and exit status 130, no traceback. The interrupt is made to arrive inside an import: a module the
+    programs import raises KeyboardInterrupt, as Python's SIGINT handler raises it."""
+    (tmp_path / "tqdm.py").write_text("raise KeyboardInterrupt\n")
+    env = os.environ | {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, program, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (130, "\ninterrupted\n")

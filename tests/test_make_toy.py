@@ -28,6 +28,28 @@ def test_a_run_writes_a_toy_file_and_the_subject(tmp_path, small):
     assert not torch.equal(sd.vae.decoder.conv_out.weight, tiny.vae.decoder.conv_out.weight)
     assert len(list((tmp_path / "subj").glob("*.png"))) == 5
     assert sd.vae.config.norm_groups == make_toy.VAE_GROUPS == 8  # read back from the file's metadata
+    assert sd.sampling == make_toy.SAMPLING == {"scale": 3.0, "ddim_steps": 25}  # and its sampling settings
+
+
+def test_it_never_replaces_a_file_or_pictures_unless_forced(tmp_path, monkeypatch):
+    """make_toy.py writes a new file by default, not the shipped model; an --out that exists, or a --subject-dir
+    that holds pictures, is refused before any training, unless --force."""
+    monkeypatch.chdir(tmp_path)
+    args = make_toy.parse_args([])
+    assert args.out.parts[0] == "runs" and args.out.parent.name.startswith("toy-") and args.out.name == "toy.safetensors"
+    assert args.subject_dir == args.out.parent / "subject"
+    shipped = dreambooth.checkpoint.TOY_FILE
+    before = shipped.read_bytes()
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "00.png").write_bytes(b"")
+    for flags, why in ((["--out", str(shipped)], f"--out {shipped} exists; give another --out, or --force"),
+                       (["--out", "new.safetensors", "--subject-dir", "pictures"], "--subject-dir pictures holds "
+                                                                                     "pictures")):
+        with pytest.raises(SystemExit) as e:
+            make_toy.main(flags)
+        assert e.value.code == 2
+    assert shipped.read_bytes() == before
+    assert make_toy.parse_args(["--out", str(shipped), "--force"]).out == shipped
 
 
 def test_vae_from_keeps_the_earlier_files_vae_and_trains_a_new_unet(tmp_path, small):

@@ -19,7 +19,7 @@ import dreambooth
 import train
 import train_settings
 import train_setup
-from dreambooth import speed
+from dreambooth import speed, toyworld
 from dreambooth.ddim import add_noise
 from dreambooth.images import load_images
 from dreambooth.vae import LATENT_SCALE
@@ -498,3 +498,25 @@ def test_bad_inputs_are_named(photos, tmp_path, capsys):
         run(photos, tmp_path / "f", "--sample-steps", "1000")
     assert "argument --sample-steps: 1000: must be from 1 to 999" in capsys.readouterr().err
 
+
+
+def test_toy_previews_say_how_they_were_drawn_and_ask_what_the_toy_knows(photos, tmp_path, capsys):
+    """The toy's preview grids are drawn at its file's guidance scale (3, not SD's 7.5), and their PNG info says so;
+    their prompts, and the closing hint's, use only words the toy's captions know (SD's previews put the subject
+    in the snow and on the beach)."""
+    out = tmp_path / "run"
+    train.main(["--instance", str(photos / "instance"), "--prior", str(photos / "prior"), "--class", "circle",
+                "--ckpt", "toy", "--device", "cpu", "--steps", "1", "--sample-every", "1", "--sample-steps", "2",
+                "--out", str(out)])
+    with Image.open(out / "samples" / "step-00001.png") as grid:
+        assert grid.text["parameters"] == ("a sks circle\nSteps: 2, Sampler: DDIM, CFG scale: 3.0, Seed: 42, "
+                                           "Size: 64x64, Model: run")
+    assert f'sample.py --ckpt {out / "model.safetensors"} --prompt "a sks circle"' in capsys.readouterr().out
+    prompts = {}
+    for ckpt in ("toy", "tiny"):
+        args, _ = train_settings.parse_args(["--instance", "x", "--class", "circle", "--ckpt", ckpt])
+        train_settings.resolve_defaults(args)
+        prompts[ckpt] = train.preview_prompts(args)
+    known = {"a", "sks", *toyworld.SHAPES, *toyworld.COLOURS}
+    assert all(set(prompt.split()) <= known for prompt in prompts["toy"]), prompts["toy"]
+    assert prompts["tiny"][1] == "a sks circle in the snow"  # SD's edits
