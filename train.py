@@ -59,12 +59,12 @@ def base_prior_targets(base_unet, base_contexts, x_t, t, rows, noise, n_instance
     """--prior-loss base: keep the class as the base model draws it, guidance included.
 
     Classifier-free guidance extrapolates from the unconditional prediction (the empty prompt) toward the prompt's,
-    so a class keeps its pictures only if both predictions stay. The paper's prior loss trains the class prompt alone,
-    toward the noise of a few hundred sampled images; the empty prompt, whose context lies as near "a sks dog" as
-    "a dog" does, is left free to follow the subject. Here each prior row comes twice, with its prompt and with the
-    empty one, and the target of both is what the frozen base UNet predicts for them: the prior keeps the base
-    model's function itself, not a sample of it (as "Learning without Forgetting", Li & Hoiem 2016, keeps a network's
-    old outputs). The subject's rows keep the noise as their target.
+    so a class keeps its pictures only if both predictions keep their difference. The paper's prior loss fits the
+    class prompt to the noise of a few hundred sampled images, which moves it by itself, and leaves the empty prompt,
+    whose context lies as near "a sks dog" as "a dog" does, free to follow the subject. Here each prior row comes
+    twice, with its prompt and with the empty one, and the target of both is what the frozen base UNet predicts for
+    them: the prior keeps the base model's function itself, not a sample of it (as "Learning without Forgetting",
+    Li & Hoiem 2016, keeps a network's old outputs). The subject's rows keep the noise as their target.
     Returns (x_t, t, rows, target) of the longer batch: n_instance + 2 x the prior rows."""
     prior = slice(n_instance, None)
     x_t, t = torch.cat([x_t, x_t[prior]]), torch.cat([t, t[prior]])
