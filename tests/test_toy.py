@@ -61,9 +61,9 @@ def test_the_prior_keeps_the_class(tmp_path):
                     "--steps", "600", "--sample-every", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
     trained = dreambooth.load(tmp_path / "run" / "model.safetensors")
     after = generate(trained, ["a circle"] * len(seeds), seeds, steps=25, scale=3.0, progress=False)
-    kept = toyworld.class_kept(before, after)
+    kept = measure.class_kept(before, after)
     print(f"distance {kept['distance']:.3f}, kept {kept['kept']}/64, subject {kept['shown']}/64; "
-          f"after: {toyworld.family_counts(kept['after'])}")
+          f"after: {measure.family_counts(kept['after'])}")
     assert kept["distance"] <= 0.22
     assert kept["kept"] >= 36
     assert kept["shown"] <= 4
@@ -75,12 +75,12 @@ def test_the_class_measure_sees_a_changed_mix():
     rng = np.random.default_rng(3)
     blue = [toyworld.draw(rng, "circle", "blue") for _ in range(8)]
     sky = [toyworld.draw(rng, "circle", (90, 175, 235)) for _ in range(8)]
-    assert toyworld.class_kept(blue, blue) | {"before": 0, "after": 0} == {"distance": 0, "kept": 8, "shown": 0,
+    assert measure.class_kept(blue, blue) | {"before": 0, "after": 0} == {"distance": 0, "kept": 8, "shown": 0,
                                                                          "before": 0, "after": 0}
-    changed = toyworld.class_kept(blue, sky)
+    changed = measure.class_kept(blue, sky)
     assert (changed["distance"], changed["kept"], changed["shown"]) == (1.0, 0, 0)
     assert set(changed["after"]) == {"azure"}
-    half = toyworld.class_kept(blue, blue[:4] + sky[4:])
+    half = measure.class_kept(blue, blue[:4] + sky[4:])
     assert (half["distance"], half["kept"]) == (0.5, 4)
 
 
