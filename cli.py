@@ -165,7 +165,7 @@ def default_checkpoint(program):
         if Path(f).is_file():
             return f
     print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in toy model "
-          "(it draws coloured shapes: README, \"The toy world\")")
+          "(it draws coloured shapes: docs/toy-world.md)")
     return "toy"
 
 
@@ -223,7 +223,7 @@ def prompt_for(ckpt, words):
 def prior_prompts(ckpt, class_name):
     """make_prior.py's prompts for a class: "photo of a dog" for SD. For the toy model, "a circle" and the class in
     each of the colours its captions name ("a red circle", ...), so that the prior keeps the colour words too: with
-    "a circle" alone, the subject's colour spread to them (README, "The toy world")."""
+    "a circle" alone, the subject's colour spread to them (docs/toy-world.md)."""
     if ckpt != "toy":
         return [prompt_for(ckpt, class_name)]
     return [f"a {class_name}"] + [f"a {colour} {class_name}" for colour in toyworld.COLOURS]

@@ -239,7 +239,8 @@ def main(argv=None):
         print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
               f"{args.ckpt} on {device}, {args.precision}, lr {args.lr:g}, {n_instance} subject + {len(prior_prompts)}"
               f" prior images at {args.resolution} px; run folder {out}")
-        log = Log(out, start, args.steps, device, state.get("log") if state else None, plain_lines=not cli.interactive())
+        log = Log(out, start, args.steps, device, state.get("log") if state else None,
+                  plain_lines=not cli.interactive())
         del state
         try:
             train(args, sd, preview_sd, step, trained, generator, log)
@@ -282,7 +283,8 @@ def train(args, sd, preview_sd, train_step, trained, generator, log):
         except OSError as e:  # writing the log or a preview: a full disk, say
             raise log.stop(f"writing in {out} failed at step {step} ({e.strerror or e})") from None
     log.summary(args.steps - start)
-    model = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else f"--ckpt {out / 'model.safetensors'}"
+    model = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else \
+        f"--ckpt {out / 'model.safetensors'}"
     print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "
           f"sample.py {model} --prompt \"{prompts[0] if args.ckpt == 'toy' else prompts[1]}\")")
     print(f"log: {out / 'log.jsonl'}, previews: {out / 'samples'}, train state for --resume: {out / 'train_state.pt'}")

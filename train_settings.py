@@ -55,8 +55,8 @@ def parser():
     p.add_argument("--prior-loss", choices=["noise", "base"], default="noise",
                    help="the prior images' target: noise, the paper's eq. 2 (the noise that was added); base, what "
                         "the frozen base model predicts, for each prior image with its prompt and with the empty "
-                        "prompt, which keeps the class as guidance draws it (README, \"Keeping the class\"; a frozen "
-                        "copy of the UNet, none with --lora, and half as many images again per step)")
+                        "prompt, which keeps the class as guidance draws it (docs/toy-world.md, \"Keeping the "
+                        "class\"; a frozen copy of the UNet, none with --lora, and half as many images again per step)")
     p.add_argument("--noise-offset", type=cli.number(float), default=0.0,
                    help="offset noise: add a random constant of this std to each latent channel's noise (kohya's "
                         "--noise_offset; 0.1 is usual). Keep a model trained with it (the toy) on it; 0 = off")
@@ -64,11 +64,18 @@ def parser():
     p.add_argument("--lora", type=cli.number(), default=0, metavar="RANK",
                    help="train LoRA adapters of this rank instead of the whole model, written to lora.safetensors "
                         "(kohya's format); 0 = off")
-    p.add_argument("--lora-alpha", type=cli.number(float), help="LoRA's alpha: the adapters' output is scaled by alpha / rank; "
-                                                    "default RANK")
+    p.add_argument("--lora-alpha", type=cli.number(float),
+                   help="LoRA's alpha: the adapters' output is scaled by alpha / rank; default RANK")
     p.add_argument("--save-merged", action="store_true", help="with --lora, also write the model with the LoRA "
                                                               "merged in as model.safetensors")
     p.add_argument("--seed", type=cli.SEED, default=42, help="seed of all randomness: data order, flips, noise, t")
+    add_machine_and_run_flags(p)
+    cli.show_toy_defaults(p, "train.py")
+    return p
+
+
+def add_machine_and_run_flags(p):
+    """The flags of where and how fast the run computes, and of its run folder: what it writes, and when."""
     p.add_argument("--device", help="cuda, cpu, cuda:1, ...; default cuda if available, else cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype; weights stay fp32. "
                                                                          "Default bf16 on CUDA, fp32 elsewhere")
@@ -88,8 +95,6 @@ def parser():
     p.add_argument("--save-every", type=cli.number(), default=400,
                    help="save every N steps (and at the end); 0 = at the end")
     p.add_argument("--log-every", type=cli.number(low=1), default=10, help="log the losses every N steps")
-    cli.show_toy_defaults(p, "train.py")
-    return p
 
 
 def parse_args(argv=None):

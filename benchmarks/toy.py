@@ -1,7 +1,7 @@
 """DreamBooth on the toy model, measured: does the base model draw what it is told, does DreamBooth teach it the
 subject, and does the class keep its meaning?
 
-    python make_toy.py                          # once: dreambooth/toy.safetensors and examples/toy/
+    python make_toy.py --out dreambooth/toy.safetensors --subject-dir examples/toy --force   # once (it ships)
     python benchmarks/toy.py                    # about 8 minutes on 2 cores
     python benchmarks/toy.py --images docs/toy  # and the README's pictures
     python benchmarks/toy.py --subject lime-cross --skip-no-prior   # a held-out subject (benchmarks/subjects/)
@@ -9,8 +9,8 @@ subject, and does the class keep its meaning?
 The subject is the pink ring of examples/toy (dreambooth/toyworld.py: SUBJECT), its class "circle", or with
 --subject one of the subjects in benchmarks/subjects/ that no setting was tuned on. The script runs the repo's real
 programs as a user would (make_prior.py, then train.py twice: with and without --prior) and judges every picture
-with the toy world's classical measure (benchmarks/measure.py: dominant_colour, shape_of, hue_family), which is itself checked first on freshly
-drawn pictures. Figures printed:
+with the toy world's classical measure (benchmarks/measure.py: dominant_colour, shape_of, hue_family), which is
+itself checked first on freshly drawn pictures. Figures printed:
 
   measure     accuracy of dominant_colour / shape_of on drawn pictures of the vocabulary (and of the subject)
   base        the toy model on "a <colour> <shape>": colour right, shape right
@@ -63,9 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--noise-offset", type=float, default=toy.noise_offset, help="train.py --noise-offset")
     p.add_argument("--prior-num", type=int, default=cli.TOY_DEFAULTS["make_prior.py"]["num"],
                    help="class pictures made by make_prior.py")
-    p.add_argument("--scale", type=float, default=cli.TOY_SAMPLING["scale"],
+    p.add_argument("--scale", type=float, default=cli.toy_sampling()["scale"],
                    help="guidance scale of all sampling (prior included)")
-    p.add_argument("--sample-steps", type=int, default=cli.TOY_SAMPLING["ddim_steps"],
+    p.add_argument("--sample-steps", type=int, default=cli.toy_sampling()["ddim_steps"],
                    help="DDIM steps of all sampling")
     p.add_argument("--n", type=int, default=16, help="samples per prompt for the DreamBooth figures")
     p.add_argument("--threads", type=int, default=2, help="torch threads, here and in the programs")
@@ -198,7 +198,7 @@ def main(argv=None):
         prior_seconds = run(["make_prior.py", "--ckpt", args.ckpt, *prompts, "--outdir", str(args.prior),
                              "--num", str(args.prior_num), "--scale", str(args.scale), "--ddim_steps",
                              str(args.sample_steps), "--batch-size", "20", "--device", args.device, "--precision",
-                             "full"], args)
+                             "fp32"], args)
         print(f"make_prior.py: {args.prior_num} pictures of {' / '.join(prompts[1::2])} in {prior_seconds:.0f} s",
               flush=True)
     settings = (f"--steps {args.steps} --lr {args.lr} --batch-size {args.batch_size} --prior-weight "

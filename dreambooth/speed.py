@@ -125,7 +125,7 @@ class CUDAGraphReplay:
 
 # Activation memory that backward keeps for one 512 px image (64x64 latents) in the full-size UNet under bf16
 # autocast without gradient checkpointing, in GiB: a measured peak at batch 1+1, less the fp32 weights and AdamW
-# moments, over 2 images (benchmarks/README.md, "Memory").
+# moments, over 2 images (benchmarks/README.md, "Memory and optimizer choices").
 ACTIVATIONS_GIB = 2.1
 
 

@@ -36,7 +36,7 @@ class UNetConfig:
     @classmethod
     def tiny(cls) -> "UNetConfig":
         """Few channels and one ResBlock per level where SD has two (two, not three, on the way up): for tests and
-        the toy model, whose file must stay under 10 MB (README, "The toy world")."""
+        the toy model, whose file must stay under 10 MB (docs/toy-world.md)."""
         return cls(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, num_heads=4, context_dim=32)
 
 

@@ -176,7 +176,8 @@ def test_a_lora_scale_that_overflows_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("content, what", [
-    (b"hello, this is not a model\nline two", "is a text file, not a checkpoint (it begins 'hello, this is not a model')"),
+    (b"hello, this is not a model\nline two",
+     "is a text file, not a checkpoint (it begins 'hello, this is not a model')"),
     (b"<!DOCTYPE html><html><body>404</body></html>", "is an HTML page (a download that failed?), not a checkpoint"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 4265380512\n",
      "is a Git LFS pointer, not the file itself (git lfs pull fetches it)"),

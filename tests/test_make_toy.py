@@ -36,7 +36,8 @@ def test_it_never_replaces_a_file_or_pictures_unless_forced(tmp_path, monkeypatc
     that holds pictures, is refused before any training, unless --force."""
     monkeypatch.chdir(tmp_path)
     args = make_toy.parse_args([])
-    assert args.out.parts[0] == "runs" and args.out.parent.name.startswith("toy-") and args.out.name == "toy.safetensors"
+    assert args.out.parts[0] == "runs" and args.out.parent.name.startswith("toy-")
+    assert args.out.name == "toy.safetensors"
     assert args.subject_dir == args.out.parent / "subject"
     shipped = dreambooth.checkpoint.TOY_FILE
     before = shipped.read_bytes()

@@ -21,7 +21,8 @@ def test_install_steps_come_before_the_first_pip_install():
     """Python's version, a virtual environment and the command for PyTorch's CPU build (its own wheel index, as
     PyTorch's install page gives it) come before the first `pip install -r`, which would fetch the CUDA build."""
     first = README.index("pip install -r requirements.txt")
-    for step in ("Python 3.10", "python3 -m venv", "pip install torch --index-url https://download.pytorch.org/whl/cpu"):
+    cpu_torch = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    for step in ("Python 3.10", "python3 -m venv", cpu_torch):
         assert README.index(step) < first, step
 
 

@@ -3,14 +3,13 @@
 The subject is the pink ring of examples/toy, class "circle"; benchmarks/measure.py's classical measure says
 which samples show it. This is a short version of benchmarks/toy.py, with thresholds: it fails if the noising, the
 loss target, the latent scale or the sampler is wrong (each was broken on purpose once and the test failed; see
-the README, "The toy world")."""
+docs/toy-world.md)."""
 import numpy as np
 import pytest
 import torch
 
 import dreambooth
 import make_prior
-import make_toy
 import train
 from benchmarks import measure
 from dreambooth import toyworld
