@@ -191,7 +191,7 @@ class TrainStep:
 def make_step(sd, images, n_instance, prior_prompts, args, device):
     """The step as main() runs it (benchmarks/gpu.py and the tests make it so too): the photos' VAE posteriors and the
     prompts' contexts computed once (then the VAE and a frozen text encoder leave the GPU), the optimizer, and the
-    wrappers that pay here. Returns (step, trained)."""
+    wrappers that pay here. Returns (train_step, trained)."""
     trained = setup.trained_modules(sd, args, device)
     base_prior = args.prior_loss == "base" and bool(prior_prompts)
     ids, contexts, prior_rows = setup.encode_prompts(sd, args, prior_prompts, base_prior, device)
@@ -211,12 +211,12 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     optimizer, lr, scaler, graph = setup.make_optimizer(args, sd.unet, trained, images_per_step, device)
     batches = Batches(posteriors, images, sd.vae if args.no_cache else None, n_instance, prior_rows, args.batch_size,
                       sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
-    step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, batches,
-                     sd.alphas_cumprod, args.prior_weight, optimizer, lr, setup.autocast(args), scaler, args.clip_grad,
-                     base_unet)
+    train_step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, batches,
+                           sd.alphas_cumprod, args.prior_weight, optimizer, lr, setup.autocast(args), scaler,
+                           args.clip_grad, base_unet)
     if graph:  # learn() recorded once as a CUDA graph after 3 eager steps and replayed; the draws stay outside it
-        step.learn = speed.CUDAGraphReplay(step.learn, warmup=3, on_failure=step.recording_failed)
-    return step, trained
+        train_step.learn = speed.CUDAGraphReplay(train_step.learn, warmup=3, on_failure=train_step.recording_failed)
+    return train_step, trained
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,8 +231,8 @@ def main(argv=None):
         generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
         sd, images, n_instance, prior_prompts = setup.load_model_and_photos(args, device)
         preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
-        step, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
-        start = setup.resume(args, state, trained, step, generator) if state else 0
+        train_step, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
+        start = setup.resume(args, state, trained, train_step, generator) if state else 0
         if start >= args.steps:
             print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
             return
@@ -243,7 +243,7 @@ def main(argv=None):
                   plain_lines=not cli.interactive())
         del state
         try:
-            train(args, sd, preview_sd, step, trained, generator, log)
+            train(args, sd, preview_sd, train_step, trained, generator, log)
         except Stopped as e:
             raise SystemExit(f"train.py: error: {e}") from None
 

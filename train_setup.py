@@ -1,15 +1,10 @@
-"""What train.py's main() and make_step call to set up a run, and to save and resume it, each a small function:
-
-    load_model_and_photos   the folders checked, the model loaded, the photos read
-    trained_modules         what trains: the UNet (and CLIP), or LoRA adapters beside the frozen model
-    encode_prompts          the prompts' token ids and their contexts, computed once
-    frozen_base             --prior-loss base: the frozen base UNet
-    make_optimizer          AdamW, stepped inside backward where that pays; gradient checkpointing; the CUDA graph
-    save, resume            the run folder's files: model.safetensors (or lora.safetensors) and train_state.pt
-
-model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI, diffusers). train_state.pt holds everything
-else needed to continue exactly: the fp32 weights being trained (continuing from the fp16 copy would round them),
-the optimizer states, the step, the data generator's state and the settings.
+"""What train.py's main() and make_step call to set up a run, and to save and resume it, each a small function: the
+model and the photos, what trains (the UNet and CLIP, or LoRA adapters), the prompts' contexts, the frozen base of
+--prior-loss base, the optimizer (stepped inside backward where that pays) with gradient checkpointing and the CUDA
+graph decided, and the run folder's files. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI,
+diffusers); train_state.pt holds everything else needed to continue exactly: the fp32 weights being trained
+(continuing from the fp16 copy would round them), the optimizer states, the step, the data generator's state and
+the settings.
 """
 import copy
 import shutil
@@ -169,13 +164,13 @@ def torch_optimizers(optimizer):
     return optimizer.optimizers if isinstance(optimizer, speed.StepInBackward) else [optimizer]
 
 
-def resume(args, state, trained, step, generator):
+def resume(args, state, trained, train_step, generator):
     """The trained weights, the optimizer and the data generator where the run stopped; returns its step."""
     try:
         for name, weights in state["weights"].items():
             trained[name].load_state_dict(weights)
         generator.set_state(state["data_rng"])  # nothing else draws: the networks have no dropout
-        optimizers, saved = torch_optimizers(step.optimizer), list(state["optimizers"])
+        optimizers, saved = torch_optimizers(train_step.optimizer), list(state["optimizers"])
     except (KeyError, RuntimeError, TypeError) as e:
         raise SystemExit(f"train.py: error: --resume {args.resume}: train_state.pt does not fit this run "
                          f"({first_line(e)})") from None
@@ -183,8 +178,8 @@ def resume(args, state, trained, step, generator):
         if len(saved) != len(optimizers):  # one AdamW per block, or one for all
             raise ValueError(f"it holds {len(saved)} optimizer states, not {len(optimizers)}")
         for optimizer, its_state in zip(optimizers, saved):
-            load_optimizer_state(optimizer, its_state, step.lr)
-        step.scaler.load_state_dict(state.get("scaler", {}))
+            load_optimizer_state(optimizer, its_state, train_step.lr)
+        train_step.scaler.load_state_dict(state.get("scaler", {}))
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"train.py: error: --resume {args.resume}: {first_line(e)}; keep the run's --precision, "
                          "--clip-grad and --no-step-in-backward, which decide whether the optimizer steps inside "
