@@ -306,6 +306,7 @@ def setup_and_train(args, state):
     out, device = Path(args.out), torch.device(args.device)
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, n_instance, prior_prompts = load_model_and_photos(args, device)
+    cli.one_thread_for_small_models(sd, device)
     preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
     step, optimizer, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
     start = resume(args, state, trained, optimizer, generator) if state else 0
