@@ -230,6 +230,7 @@ def main(argv=None):
         out, device = Path(args.out), torch.device(args.device)
         generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
         sd, images, n_instance, prior_prompts = setup.load_model_and_photos(args, device)
+        cli.one_thread_for_small_models(sd, device)
         preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
         train_step, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
         start = setup.resume(args, state, trained, train_step, generator) if state else 0

@@ -283,6 +283,17 @@ def test_resume_is_exact(photos, straight, tmp_path):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [5, 10]
 
 
+def test_resume_with_prior_loss_base_keeps_the_base_of_the_run(photos, tmp_path):
+    """--prior-loss base resumed: the frozen base is the --ckpt model, not the weights the run had reached, so 3 + 3
+    steps give the weights of 6 straight."""
+    flags = ["--lr", "1e-3", "--batch-size", "2", "--prior-loss", "base"]
+    run(photos, tmp_path / "straight", "--steps", "6", *flags)
+    run(photos, tmp_path / "run", "--steps", "3", *flags)
+    train.main(["--resume", str(tmp_path / "run"), "--steps", "6"])
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "run")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 @pytest.mark.parametrize("flags", [["--no-step-in-backward"], ["--no-cache"], ["--grad-checkpointing"]],
                          ids=["plain-loop", "no-cache", "grad-checkpointing"])
 def test_same_weights_as_the_default(photos, straight, tmp_path, flags):
