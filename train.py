@@ -214,7 +214,9 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     train_step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, batches,
                            sd.alphas_cumprod, args.prior_weight, optimizer, lr, setup.autocast(args), scaler,
                            args.clip_grad, base_unet)
-    if graph:  # learn() recorded once as a CUDA graph after 3 eager steps and replayed; the draws stay outside it
+    # learn() recorded once as a CUDA graph after 3 eager steps and replayed; the draws stay outside the graph, so a
+    # replayed run trains on exactly what an eager run draws
+    if graph:
         train_step.learn = speed.CUDAGraphReplay(train_step.learn, warmup=3, on_failure=train_step.recording_failed)
     return train_step, trained
 

@@ -107,8 +107,10 @@ def make_optimizer(args, unet, trained, images_per_step, device):
     checkpointing where memory needs it, and whether the step can be one CUDA graph; the choices in two lines.
     Returns (optimizer, lr, scaler, graph)."""
     params = [p for m in trained.values() for p in m.parameters()]
-    # Stepping inside backward saves a whole gradient buffer, which LoRA's small adapters do not need: one AdamW for
-    # all of them launches fewer kernels than one per adapter, and ran faster (benchmarks/README.md).
+    # The textbook way, one AdamW stepped after backward, where stepping inside it cannot be or does not pay: clipping
+    # the gradient norm needs the whole gradient first, fp16's loss scaling may skip a whole step, and LoRA's small
+    # adapters need no saving of a gradient buffer: one AdamW for all of them launches fewer kernels than one per
+    # adapter, and ran faster (benchmarks/README.md).
     after_backward = bool(args.lora or args.no_step_in_backward or args.clip_grad or args.precision == "fp16")
     checkpointing, why = choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device)
     unet.set_grad_checkpointing(checkpointing)
