@@ -208,7 +208,7 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     # made before the free GPU memory is measured, so the estimate below counts it
     base_unet = setup.frozen_base(sd.unet, trained.get("lora"), args.precision) if base_prior else None
     images_per_step = args.batch_size * (1 + bool(prior_prompts) + base_prior)
-    optimizer, lr, scaler, graph = setup.make_optimizer(args, sd.unet, trained, images_per_step, device)
+    optimizer, lr, scaler, graph = setup.make_optimizer(args, sd, trained, images_per_step, device)
     batches = Batches(posteriors, images, sd.vae if args.no_cache else None, n_instance, prior_rows, args.batch_size,
                       sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
     train_step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, batches,

@@ -18,7 +18,7 @@ import dreambooth
 from dreambooth import speed
 from dreambooth.files import replace_all, why_write_failed, write_atomic
 from dreambooth.images import list_images, load_images, skipped_images
-from dreambooth.lora import LoRA, kohya_metadata, save_lora
+from dreambooth.lora import LoRA, base_dtype as lora_base_dtype, kohya_metadata, save_lora
 from dreambooth.torchfile import first_line
 from train_settings import manifest_prompts
 
@@ -63,12 +63,12 @@ def load_model_and_photos(args, device):
 
 def trained_modules(sd, args, device):
     """{name: module} of what trains, in train mode with gradients; the rest frozen. With --lora only the adapters
-    train: the base weights are frozen and held in fp16 on a GPU (they need no gradients anyway)."""
+    train: the base weights are frozen and held in the autocast dtype on a GPU (lora.base_dtype)."""
     if args.lora:
         trained = {"lora": LoRA(sd, args.lora, args.lora_alpha, args.train_text_encoder, args.seed).attach()}
-        if device.type == "cuda" and args.precision != "fp32":
-            sd.unet.half()
-            sd.text_encoder.half()
+        dtype = lora_base_dtype(device.type, PRECISIONS[args.precision], args.save_merged)
+        sd.unet.to(dtype)
+        sd.text_encoder.to(dtype)
     else:
         trained = {"unet": sd.unet} | ({"text_encoder": sd.text_encoder} if args.train_text_encoder else {})
     sd.vae.requires_grad_(False).eval()
@@ -102,7 +102,7 @@ def frozen_base(unet, lora, precision):
     return copy.deepcopy(unet).requires_grad_(False).eval().to(PRECISIONS[precision])
 
 
-def make_optimizer(args, unet, trained, images_per_step, device):
+def make_optimizer(args, sd, trained, images_per_step, device):
     """AdamW over the trained weights, stepped inside backward where that pays (speed.StepInBackward), gradient
     checkpointing where memory needs it, and whether the step can be one CUDA graph; the choices in two lines.
     Returns (optimizer, lr, scaler, graph)."""
@@ -112,8 +112,8 @@ def make_optimizer(args, unet, trained, images_per_step, device):
     # adapters need no saving of a gradient buffer: one AdamW for all of them launches fewer kernels than one per
     # adapter, and ran faster (benchmarks/README.md).
     after_backward = bool(args.lora or args.no_step_in_backward or args.clip_grad or args.precision == "fp16")
-    checkpointing, why = choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device)
-    unet.set_grad_checkpointing(checkpointing)
+    checkpointing, why = choose_grad_checkpointing(args, sd, params, images_per_step, after_backward, device)
+    sd.unet.set_grad_checkpointing(checkpointing)
     why_eager = why_no_cuda_graph(args, device)
     graph = why_eager is None
     # torch's AdamW with weight decay 0.01 (its default, as in the seed), fused: one kernel per update. Its learning
@@ -126,6 +126,8 @@ def make_optimizer(args, unet, trained, images_per_step, device):
 
     optimizer = adamw(params) if after_backward else speed.StepInBackward(speed.blocks(trained), adamw)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if tf32 := speed.tf32_matmuls(device, args.precision):
+        print(tf32)
     print(f"{why}\nstep: {'one CUDA graph, recorded after 3 eager steps' if graph else f'eager ({why_eager})'}; "
           f"optimizer stepped {'after' if after_backward else 'inside'} backward")
     return optimizer, lr, scaler, graph
@@ -144,7 +146,7 @@ def why_no_cuda_graph(args, device):
     return None
 
 
-def choose_grad_checkpointing(args, unet, params, images_per_step, after_backward, device):
+def choose_grad_checkpointing(args, sd, params, images_per_step, after_backward, device):
     """Gradient checkpointing keeps only each UNet block's input in forward and recomputes the block in backward:
     a fraction of the activation memory, for more time per step. --grad-checkpointing / --no-grad-checkpointing
     decide; by default it is on only where the GPU could not hold the run without it.
@@ -153,12 +155,14 @@ def choose_grad_checkpointing(args, unet, params, images_per_step, after_backwar
         return args.grad_checkpointing, f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'} (asked)"
     if device.type != "cuda":
         return False, "gradient checkpointing off: memory is not the limit on a CPU (--grad-checkpointing turns it on)"
-    need = speed.training_memory_gib(unet, params, images_per_step, args.resolution, args.precision == "fp32",
-                                     after_backward)
+    need = speed.training_memory_gib(sd.unet, params, images_per_step, args.resolution, args.precision == "fp32",
+                                     after_backward, why_no_cuda_graph(args, device) is None,
+                                     (sd.text_encoder, sd.vae) if args.sample_every else None, device)
     free = speed.free_gpu_memory_gib(device)
-    on = need > 0.85 * free
-    return on, (f"gradient checkpointing {'on' if on else 'off'}: without it the run needs about {need:.1f} GiB more "
-                f"and {free:.1f} GiB of GPU memory are free (--{'no-' if on else ''}grad-checkpointing forces it)")
+    on = need.total > 0.85 * free
+    return on, (f"gradient checkpointing {'on' if on else 'off'}: without it the run needs about {need.total:.1f} GiB "
+                f"more ({need}) and {free:.1f} GiB of GPU memory are free "
+                f"(--{'no-' if on else ''}grad-checkpointing forces it)")
 
 
 def torch_optimizers(optimizer):
@@ -190,16 +194,20 @@ def resume(args, state, trained, train_step, generator):
 
 
 def load_optimizer_state(optimizer, state, lr):
-    """A torch optimizer's saved state, with this run's learning-rate tensor and CUDA-graph setting, and its moments
-    in the memory layout of their weights, which fused AdamW needs (saved on the CPU in NCHW, resumed on CUDA in
-    channels_last)."""
+    """A torch optimizer's saved state, with this run's learning-rate tensor and CUDA-graph setting. A recorded CUDA
+    graph reads and writes the moment and step tensors that exist now, at their addresses: loaded values are copied
+    into those, and only tensors that do not exist yet are new, in the memory layout of their weights, which fused
+    AdamW needs (saved on the CPU in NCHW, resumed on CUDA in channels_last)."""
     capturable = optimizer.param_groups[0]["capturable"]
+    existing = {param: dict(moments) for param, moments in optimizer.state.items()}
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:  # loading replaced these with the saved run's
         group["lr"], group["capturable"] = lr, capturable
     for param, moments in optimizer.state.items():
         for key, value in moments.items():
-            if value.shape == param.shape:
+            if isinstance(old := existing.get(param, {}).get(key), torch.Tensor) and old.shape == value.shape:
+                moments[key] = old.copy_(value)
+            elif value.shape == param.shape:
                 moments[key] = torch.empty_like(param).copy_(value)
 
 

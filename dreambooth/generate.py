@@ -19,6 +19,11 @@ from .images import to_pil
 from .speed import CUDAGraphReplay
 from .stable_diffusion import StableDiffusion
 
+# One stream per GPU for the graphs of all generate() calls: each call's graph is gone when it returns, so they never
+# live at once, and none of them takes the stream of another live graph (train.py's step) as new streams would once
+# torch's pool of streams came round again.
+_streams = {}
+
 
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative_prompt: str = "", steps: int = 50,
@@ -56,7 +61,8 @@ def generate(sd: StableDiffusion, prompts: list[str], seeds: list[int], negative
     with torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext():
         eps_fn = guided_eps_fn(sd.unet, sd.encode_text(prompts), sd.encode_text([negative_prompt]), scale)
         if cuda and cuda_graph:  # the same shapes at every step: record the guided UNet call once, then replay it
-            graph = CUDAGraphReplay(eps_fn)
+            stream = _streams.get(sd.device) or _streams.setdefault(sd.device, torch.cuda.Stream(sd.device))
+            graph = CUDAGraphReplay(eps_fn, stream=stream)  # after a recording that failed in this process: eager
             eps_fn = lambda x, t: graph(x, torch.full((), t, device=x.device))  # noqa: E731 (t: a recorded input)
         latents = ddim_sample(eps_fn, latents, sd.alphas_cumprod, steps, eta, generators, progress)
         if not latents.isfinite().all():  # it would decode to black images

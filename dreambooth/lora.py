@@ -93,6 +93,17 @@ def target_layers(sd, text_encoder: bool = True) -> dict[str, nn.Module]:
     return layers
 
 
+def base_dtype(device_type: str, autocast_dtype: torch.dtype, merged_saved: bool = False) -> torch.dtype:
+    """The dtype to hold the frozen base model in while its LoRA trains. On a GPU under autocast, the autocast dtype
+    itself: the weights get no gradient, so nothing needs fp32, and autocast then uses them as they are instead of
+    casting all 860 M of them at every forward (and every checkpoint recompute). Except bf16 when the merged model
+    is saved: that file is fp16, and bf16 (8 significant bits against 11) would round its weights more; the base
+    then stays fp16, cast to bf16 per forward. On the CPU (and in fp32) it stays fp32."""
+    if device_type != "cuda" or autocast_dtype == torch.float32:
+        return torch.float32
+    return torch.float16 if merged_saved else autocast_dtype
+
+
 class LoRA(nn.ModuleDict):
     """The adapters being trained, {kohya name: Adapter}; its state_dict is the file's (kohya) keys.
 

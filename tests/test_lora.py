@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import dreambooth
 import train
+import train_setup
 from dreambooth.generate import generate
-from dreambooth.lora import LoRA, kohya_name, load_lora, save_lora, target_layers
+from dreambooth.lora import LoRA, base_dtype, kohya_name, load_lora, save_lora, target_layers
 from tests.conftest import run
 from tests.references import assert_close, random_lora, reference_pipeline, single_file_pipeline
 
@@ -164,6 +165,51 @@ def test_training_writes_a_lora_diffusers_loads_and_resumes_exactly(photos, tmp_
     pipe = single_file_pipeline(tmp_path / "base.safetensors", base, tmp_path / "config")
     pipe.load_lora_weights(str(out / "lora.safetensors"))
     assert lora_layers(pipe) == 10 * 12 + 2 * 6  # the tiny UNet's 10 transformers x 12 layers, 2 CLIP layers x 6
+
+
+@pytest.mark.parametrize("device, precision, merged, dtype", [
+    ("cuda", torch.bfloat16, False, torch.bfloat16), ("cuda", torch.float16, False, torch.float16),
+    ("cuda", torch.float32, False, torch.float32), ("cuda", torch.bfloat16, True, torch.float16),
+    ("cuda", torch.float16, True, torch.float16), ("cpu", torch.bfloat16, False, torch.float32)])
+def test_the_frozen_base_is_held_in_the_autocast_dtype(device, precision, merged, dtype):
+    """On a GPU, the dtype autocast computes in, so no weight is cast at each forward; fp16 where the merged model
+    (an fp16 file) is saved; fp32 on the CPU and in fp32."""
+    assert base_dtype(device, precision, merged) == dtype
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_make_step_holds_the_base_in_the_chosen_dtype_and_the_adapters_in_fp32(photos, monkeypatch, precision):
+    """train.make_step with --lora: the UNet's and CLIP's own weights in the dtype base_dtype picks (here told to
+    pick as on a GPU, which the CPU cannot show), the adapters in fp32, and a bf16 step trains the adapters."""
+    from tests.test_train import make_step
+
+    monkeypatch.setattr(train_setup, "lora_base_dtype", lambda device, dtype, merged: base_dtype("cuda", dtype, merged))
+    sd, step = make_step(photos, "--lora", "4", "--precision", precision, "--train-text-encoder")
+    expected = train_setup.PRECISIONS[precision]
+    assert {p.dtype for m in (sd.unet, sd.text_encoder) for p in m.parameters()} == {expected}
+    adapters = [p for g in step.optimizer.param_groups for p in g["params"]]
+    assert {p.dtype for p in adapters} == {torch.float32}
+    if precision == "bf16":  # CPU autocast runs bf16; fp16 kernels are patchy on CPUs
+        before = [p.detach().clone() for p in adapters]
+        losses = step(torch.Generator().manual_seed(0))
+        assert losses.isfinite().all() and any(not torch.equal(a, b) for a, b in zip(adapters, before))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the base's dtype on a GPU")
+def test_lora_on_cuda_in_bf16_holds_a_bf16_base_and_trains(photos, tmp_path, monkeypatch):
+    """The whole run on a GPU with the bf16 base: the CUDA-graph step, a preview grid and the file."""
+    dtypes, make_step = set(), train.make_step
+
+    def spy(sd, *args):
+        made = make_step(sd, *args)
+        dtypes.update(p.dtype for m in (sd.unet, sd.text_encoder) for p in m.parameters())
+        return made
+
+    monkeypatch.setattr(train, "make_step", spy)
+    run(photos, tmp_path / "run", "--device", "cuda", "--precision", "bf16", "--lora", "4", "--steps", "6",
+        "--sample-every", "3")
+    assert dtypes == {torch.bfloat16}
+    assert (tmp_path / "run" / "lora.safetensors").exists() and len(list((tmp_path / "run" / "samples").iterdir())) == 2
 
 
 def write(path, tensors):

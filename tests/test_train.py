@@ -1,6 +1,5 @@
 """train.py on the tiny model, on the CPU: eq. 2, learning, the files of a run, exact resume, the optimizer stepped
 inside backward, Ctrl-C, a non-finite loss, and the messages for bad input."""
-import contextlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from dreambooth.ddim import add_noise
 from dreambooth.images import load_images
 from dreambooth.vae import LATENT_SCALE
 from tests.conftest import run
+from tests.fake_cuda import FakeCUDA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -422,17 +422,12 @@ def test_why_the_step_runs_eagerly(photos, tmp_path, capsys):
 
 
 def test_a_failed_recording_goes_on_eagerly(photos, monkeypatch, capsys):
-    """If recording the CUDA graph fails (here on the CPU: torch.cuda.graph raises at once, as an operation that a
-    capture forbids would), the run goes on eagerly from the same step and trains exactly as an eager run."""
-    def refuse(graph):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
-    monkeypatch.setattr(torch.cuda, "graph", refuse)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # CUDA's stream API, on a CPU
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "the stream before")
-    streams = []
-    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    """If recording the CUDA graph fails (here on the CPU, through tests/fake_cuda.py: torch.cuda.graph raises at
+    once, as an operation that a capture forbids would), the run goes on eagerly from the same step and trains
+    exactly as an eager run (test_speed.py: what the failure leaves behind)."""
+    monkeypatch.setattr(speed, "recording_failed_before", None)
+    cuda = FakeCUDA(monkeypatch)
+    cuda.fail = "operation not permitted when stream is capturing"
     sd_graph, graphed = make_step(photos, "--lr", "1e-3")
     graphed.learn = speed.CUDAGraphReplay(graphed.learn, 0, graphed.recording_failed)  # what --cuda-graph makes on CUDA
     sd_eager, eager = make_step(photos, "--lr", "1e-3")
@@ -440,7 +435,7 @@ def test_a_failed_recording_goes_on_eagerly(photos, monkeypatch, capsys):
     for _ in range(3):
         assert torch.equal(graphed(g_graph), eager(g_eager))
     assert "recording the CUDA graph failed (operation not permitted" in capsys.readouterr().out
-    assert streams == ["the stream before"] and graphed.learn.graph is None  # the failed recording is let go
+    assert cuda.current is cuda.default and graphed.learn.graph is None  # the failed recording is let go
     assert all(torch.equal(a, b) for a, b in zip(sd_graph.unet.parameters(), sd_eager.unet.parameters()))
 
 
