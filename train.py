@@ -168,7 +168,7 @@ class TrainStep:
         with self.autocast:
             contexts = self.text_encoder(self.ids) if self.text_encoder else self.contexts
             x_t, target = add_noise(latents, noise, t, self.alphas_cumprod), noise  # DDPM eq. 4
-            if self.base_unet is not None and len(latents) > n_instance:
+            if self.base_unet is not None:  # --prior-loss base (set only where there are prior images)
                 x_t, t, rows, target = base_prior_targets(self.base_unet, self.contexts, x_t, t, rows, noise,
                                                           n_instance, uncond_row=len(self.ids) - 1)
             loss, loss_instance, loss_prior = dreambooth_loss(self.unet, x_t, t, contexts[rows], target, n_instance,
