@@ -279,7 +279,8 @@ def progress(**kwargs):
 
 
 def interactive():
-    return sys.stderr.isatty()
+    """Whether a person watches this process's output: a terminal, and under torchrun rank 0's alone."""
+    return sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
 
 
 @contextlib.contextmanager

@@ -1,0 +1,85 @@
+"""Several processes that work as one, started by torchrun (https://pytorch.org/docs/stable/elastic/run.html):
+
+    torchrun --nproc_per_node 4 train.py --instance photos --prior prior/dog --class dog
+
+torchrun starts the program once per GPU and tells each process its place in environment variables: RANK (0 to
+WORLD_SIZE - 1, across all machines), LOCAL_RANK (which GPU of its own machine), WORLD_SIZE, and where rank 0
+listens (MASTER_ADDR, MASTER_PORT). The processes then form a group (torch.distributed) in which collective calls
+(all_reduce, broadcast, gather) exchange tensors: through NCCL between GPUs, through gloo between CPU processes.
+Every process runs the whole program; rank 0 alone writes files and prints.
+
+Without torchrun, or with one process, there is no group: join() returns None and the programs run as they always
+do, with no collective call anywhere.
+"""
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in torchrun's group."""
+    rank: int   # 0 .. size - 1; rank 0 writes the files
+    size: int   # WORLD_SIZE: the processes in all
+    local: int  # LOCAL_RANK: which GPU of this machine is this process's
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (a Ctrl-C that reached some processes first, say), so that all ranks
+        act on it at the same step. One all_reduce of one number."""
+        flag = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in place: one all_reduce of them all, laid end to end."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)  # the sum: gloo has no average, NCCL does
+        flat /= self.size
+        for t, mean in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(mean.view(t.shape))
+
+    def broadcast(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of the tensors, on every rank."""
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+    @property
+    def device(self) -> torch.device:
+        backend = dist.get_backend()
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def join(device: str, program: str) -> tuple[Group | None, str]:
+    """Join torchrun's group, if this process was started as one of several. Returns (the group, this process's
+    device): the GPU of its LOCAL_RANK under --device cuda; (None, device) without torchrun or with one process.
+    The other ranks' standard output goes nowhere, so that each line and progress bar shows once (their errors still
+    reach standard error)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return None, device
+    group = Group(int(os.environ["RANK"]), size, int(os.environ["LOCAL_RANK"]))
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise SystemExit(f"{program}: error: --device {device}: under torchrun each process takes the GPU of its "
+                             "LOCAL_RANK; give --device cuda")
+        device = f"cuda:{group.local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if not group.main:
+        sys.stdout = open(os.devnull, "w")
+    return group, device
+
+
+def leave(group: Group | None) -> None:
+    """Leave the group at the end of a run (a process that ends without it gets a warning from torch)."""
+    if group is not None and dist.is_initialized():
+        dist.destroy_process_group()
