@@ -37,15 +37,25 @@ class Group:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def average(self, tensors: list[torch.Tensor]) -> None:
-        """Replace each tensor by its mean over the ranks, in place: one all_reduce of them all, laid end to end."""
-        if not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)  # the sum: gloo has no average, NCCL does
-        flat /= self.size
-        for t, mean in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(mean.view(t.shape))
+    def average(self, tensors: list[torch.Tensor], bucket: int = 2**26) -> None:
+        """Replace each tensor by its mean over the ranks, in place. Tensors are laid end to end into buckets of about
+        `bucket` numbers, one all_reduce each: a few large messages are much faster than many small ones, and a
+        bucket, unlike all of a model's gradients at once, is little memory."""
+        these, numbers = [], 0
+        for t in tensors:
+            these.append(t)
+            numbers += t.numel()
+            if numbers >= bucket or t is tensors[-1]:
+                flat = torch.cat([x.reshape(-1) for x in these])
+                dist.all_reduce(flat)  # the sum: gloo has no average, NCCL does
+                flat /= self.size
+                for tensor, mean in zip(these, flat.split([x.numel() for x in these])):
+                    tensor.copy_(mean.view(tensor.shape))
+                these, numbers = [], 0
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+        dist.barrier(device_ids=[self.local] if dist.get_backend() == "nccl" else None)
 
     def broadcast(self, tensors: list[torch.Tensor]) -> None:
         """Rank 0's values of the tensors, on every rank."""

@@ -20,6 +20,7 @@ loop. The flags and their defaults are in train_settings.py; setting up the mode
 resuming in train_setup.py; the two wrappers that make the step fast in dreambooth/speed.py.
 """
 import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import ranks
 import train_setup as setup
 from dreambooth import speed
 from dreambooth.ddim import add_noise
@@ -34,7 +36,7 @@ from dreambooth.generate import generate
 from dreambooth.images import a1111_parameters, image_grid, save_png
 from dreambooth.runlog import Log, Stopped
 from dreambooth.vae import sample_latent
-from train_settings import claim_run_folder, parse_args, resolve_defaults
+from train_settings import claim_run_folder, parse_args, resolve_defaults, run_concepts
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The loss.
@@ -92,31 +94,45 @@ def encode_posteriors(vae, images, device, chunk=4):
 @dataclass
 class Batches:
     """What a step draws from: the photos' VAE posteriors (encode_posteriors), or with --no-cache the photos themselves
-    and the VAE that encodes them at every step. Rows [0, n_instance) are the subject's photos, the rest the prior's.
-    All randomness comes from the generator passed to draw(), in a fixed order, so that a run, and a resumed run,
-    draw the same batches."""
+    and the VAE that encodes them at every step. Rows [0, n_instance) are the subject photos of every concept, the
+    rest the class images, each concept's together. All randomness comes from the generator passed to draw(), in a
+    fixed order, so that a run, and a resumed run, draw the same batches."""
     posteriors: torch.Tensor | None  # [N, 2 (flip), 8, h, w]
     images: torch.Tensor | None      # [N, 3, R, R], with --no-cache
     vae: torch.nn.Module | None      # with --no-cache
-    n_instance: int
-    prior_rows: torch.Tensor         # [n_prior] each prior image's prompt, as a row of the step's contexts (1, 2, ...)
+    instance_rows: torch.Tensor      # [n_instance] each subject photo's prompt, as a row of the step's contexts
+    instance_concepts: torch.Tensor  # [n_instance] each subject photo's concept: 0, 1, ...
+    prior_rows: torch.Tensor         # [n_prior] each class image's prompt, as a row of the step's contexts
+    prior_first: torch.Tensor        # [concepts] the index of each concept's first class image among them
+    prior_counts: list[int]          # [concepts] how many class images each concept has; [] without a prior
     batch_size: int                  # subject photos per step, and as many prior images if there are any
     latent_scale: float              # StableDiffusion.latent_scale
     timesteps: int = 1000            # t is drawn from [0, timesteps)
     noise_offset: float = 0.0        # std of a constant added to each latent channel's noise (offset noise)
     memory_format: torch.memory_format = torch.contiguous_format  # the UNet's
+    share: tuple[int, int] = (0, 1)  # torchrun: (this rank, the number of ranks); each trains on its share of a batch
+
+    @property
+    def subject_rows(self):
+        """The subject photos in the rows draw() returns: all of them, or under torchrun this rank's share."""
+        return self.batch_size // self.share[1]
 
     def draw(self, generator):
         """One batch, drawn in a fixed order: which photos (batch_size of the subject's, as many of the prior's), their
         horizontal flips, z ~ q(z|x) from each photo's VAE posterior, the timesteps t, the noise (then, with
-        noise_offset, its constants). Returns (latents, t, noise, rows): rows are the photos' prompts, as rows of the
-        step's contexts: 0 for the subject's, prior_rows for the prior's."""
-        device = generator.device
-        idx = torch.randint(self.n_instance, (self.batch_size,), generator=generator, device=device)
-        rows = torch.zeros_like(idx)
-        if len(self.prior_rows):
-            prior_idx = torch.randint(len(self.prior_rows), (self.batch_size,), generator=generator, device=device)
-            idx = torch.cat([idx, self.n_instance + prior_idx])
+        noise_offset, its constants). Subject photos are drawn from all concepts alike, so each photo is seen as often
+        as any other (a concept with more photos gets more steps), and each brings a class image of its own concept.
+        Returns (latents, t, noise, rows): rows are the photos' prompts, as rows of the step's contexts. Under
+        torchrun every rank draws the same batch and returns its share (share_of)."""
+        device, n_instance = generator.device, len(self.instance_rows)
+        idx = torch.randint(n_instance, (self.batch_size,), generator=generator, device=device)
+        rows = self.instance_rows[idx]
+        if self.prior_counts:  # for every concept a draw among its class images; each photo takes its concept's
+            within = torch.stack([torch.randint(n, (self.batch_size,), generator=generator, device=device)
+                                  for n in self.prior_counts])
+            concept = self.instance_concepts[idx]
+            prior_idx = self.prior_first[concept] + within[concept, torch.arange(self.batch_size, device=device)]
+            idx = torch.cat([idx, n_instance + prior_idx])
             rows = torch.cat([rows, self.prior_rows[prior_idx]])
         flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
         if self.posteriors is None:
@@ -130,8 +146,20 @@ class Batches:
         noise = torch.randn(latents.shape, generator=generator, device=device)
         if self.noise_offset:  # offset noise: also noise each channel's mean, which eq. 4 leaves almost unnoised
             noise += self.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=generator, device=device)
+        latents, t, noise, rows = self.share_of(latents, t, noise, rows)
         layout = self.memory_format
         return latents.contiguous(memory_format=layout), t, noise.contiguous(memory_format=layout), rows
+
+    def share_of(self, *batch):
+        """torchrun: this rank's rows of each tensor of the batch, an equal share of the subject rows and of the prior
+        rows. With the gradients averaged over the ranks, the ranks' shares make the step of the whole batch."""
+        rank, ranks = self.share
+        if ranks == 1:
+            return batch
+        k = self.subject_rows
+        mine = torch.arange(rank * k, (rank + 1) * k, device=batch[0].device)
+        keep = torch.cat([mine, self.batch_size + mine]) if self.prior_counts else mine
+        return tuple(x[keep] for x in batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -158,13 +186,17 @@ class TrainStep:
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler(enabled=False))
     clip_grad: float = 0.0
     base_unet: object = None              # --prior-loss base: the frozen base UNet (base_prior_targets)
+    group: object = None                  # torchrun: the ranks.Group that trains as one
 
     def __call__(self, generator):
-        return self.learn(*self.batches.draw(generator))
+        losses = self.learn(*self.batches.draw(generator))
+        if self.group is not None:  # torchrun: the losses of the whole batch, as one process would log them
+            self.group.average([losses])
+        return losses
 
     def learn(self, latents, t, noise, rows):
         """Eq. 2 on the drawn batch (rows: each photo's prompt), backward, and the weight update."""
-        n_instance = self.batches.batch_size
+        n_instance = self.batches.subject_rows
         with self.autocast:
             contexts = self.text_encoder(self.ids) if self.text_encoder else self.contexts
             x_t, target = add_noise(latents, noise, t, self.alphas_cumprod), noise  # DDPM eq. 4
@@ -174,6 +206,9 @@ class TrainStep:
             loss, loss_instance, loss_prior = dreambooth_loss(self.unet, x_t, t, contexts[rows], target, n_instance,
                                                               self.prior_weight)
         self.scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not round to 0
+        if self.group is not None:  # torchrun: every rank's gradients averaged, the whole batch's, on all ranks
+            # (stepped inside backward, each block's were averaged before its step, and none are left here)
+            self.group.average([p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -188,13 +223,14 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)  # the recorded backward did not run
 
 
-def make_step(sd, images, n_instance, prior_prompts, args, device):
+def make_step(sd, images, photos, args, device, group=None):
     """The step as main() runs it (benchmarks/gpu.py and the tests make it so too): the photos' VAE posteriors and the
     prompts' contexts computed once (then the VAE and a frozen text encoder leave the GPU), the optimizer, and the
-    wrappers that pay here. Returns (train_step, trained)."""
+    wrappers that pay here. photos: train_setup.Photos; group: torchrun's (ranks.py). Returns (train_step, trained)."""
     trained = setup.trained_modules(sd, args, device)
-    base_prior = args.prior_loss == "base" and bool(prior_prompts)
-    ids, contexts, prior_rows = setup.encode_prompts(sd, args, prior_prompts, base_prior, device)
+    n, has_prior = photos.n_instance, len(photos.prompts) > photos.n_instance
+    base_prior = args.prior_loss == "base" and has_prior
+    ids, contexts, rows = setup.encode_prompts(sd, args, photos, base_prior, device)
     posteriors = None
     if args.no_cache:
         images = images.to(device)
@@ -207,13 +243,17 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
     sd.unet.to(memory_format=memory_format)
     # made before the free GPU memory is measured, so the estimate below counts it
     base_unet = setup.frozen_base(sd.unet, trained.get("lora"), args.precision) if base_prior else None
-    images_per_step = args.batch_size * (1 + bool(prior_prompts) + base_prior)
-    optimizer, lr, scaler, graph = setup.make_optimizer(args, sd, trained, images_per_step, device)
-    batches = Batches(posteriors, images, sd.vae if args.no_cache else None, n_instance, prior_rows, args.batch_size,
-                      sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format)
+    images_per_step = args.batch_size * (1 + has_prior + base_prior) // (group.size if group else 1)
+    optimizer, lr, scaler, graph = setup.make_optimizer(args, sd, trained, images_per_step, device, group)
+    concepts = torch.tensor(photos.concepts, device=device)
+    prior_counts = torch.bincount(concepts[n:], minlength=max(photos.concepts) + 1).tolist() if has_prior else []
+    batches = Batches(posteriors, images, sd.vae if args.no_cache else None, rows[:n], concepts[:n], rows[n:],
+                      torch.tensor([0, *prior_counts], device=device).cumsum(0)[:-1], prior_counts, args.batch_size,
+                      sd.latent_scale, len(sd.alphas_cumprod), args.noise_offset, memory_format,
+                      (group.rank, group.size) if group else (0, 1))
     train_step = TrainStep(sd.unet, sd.text_encoder if args.train_text_encoder else None, ids, contexts, batches,
                            sd.alphas_cumprod, args.prior_weight, optimizer, lr, setup.autocast(args), scaler,
-                           args.clip_grad, base_unet)
+                           args.clip_grad, base_unet, group)
     # learn() recorded once as a CUDA graph after 3 eager steps and replayed; the draws stay outside the graph, so a
     # replayed run trains on exactly what an eager run draws
     if graph:
@@ -228,27 +268,40 @@ def make_step(sd, images, n_instance, prior_prompts, args, device):
 def main(argv=None):
     args, state = parse_args(argv)
     resolve_defaults(args)
-    with claim_run_folder(args, state):
-        out, device = Path(args.out), torch.device(args.device)
-        generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
-        sd, images, n_instance, prior_prompts = setup.load_model_and_photos(args, device)
-        cli.one_thread_for_small_models(sd, device)
-        preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
-        train_step, trained = make_step(sd, images, n_instance, prior_prompts, args, device)
-        start = setup.resume(args, state, trained, train_step, generator) if state else 0
-        if start >= args.steps:
-            print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
-            return
-        print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
-              f"{args.ckpt} on {device}, {args.precision}, lr {args.lr:g}, {n_instance} subject + {len(prior_prompts)}"
-              f" prior images at {args.resolution} px; run folder {out}")
-        log = Log(out, start, args.steps, device, state.get("log") if state else None,
-                  plain_lines=not cli.interactive())
-        del state
-        try:
-            train(args, sd, preview_sd, train_step, trained, generator, log)
-        except Stopped as e:
-            raise SystemExit(f"train.py: error: {e}") from None
+    concepts = run_concepts(args)
+    group, device = ranks.join(args.device, "train.py")  # torchrun: this process's place and GPU; else (None, device)
+    writes = group is None or group.main  # rank 0 alone writes the run folder
+    try:
+        with claim_run_folder(args, state) if writes else contextlib.nullcontext():
+            run(args, state, concepts, group, torch.device(device))
+    finally:
+        ranks.leave(group)
+
+
+def run(args, state, concepts, group, device):
+    """Setup, resume and the loop, in a run folder that is this run's alone."""
+    out, writes = Path(args.out), group is None or group.main
+    generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
+    sd, images, photos = setup.load_model_and_photos(args, concepts, device)
+    cli.one_thread_for_small_models(sd, device)
+    preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
+    train_step, trained = make_step(sd, images, photos, args, device, group)
+    start = setup.resume(args, state, trained, train_step, generator) if state else 0
+    if start >= args.steps:
+        print(f"{out} is already at step {start} of --steps {args.steps}; give a larger --steps to continue")
+        return
+    n_prior = len(photos.prompts) - photos.n_instance
+    print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
+          f"{args.ckpt} on {device}{f' and {group.size - 1} more processes' if group else ''}, {args.precision}, lr "
+          f"{args.lr:g}, {photos.n_instance} subject + {n_prior} prior images at {args.resolution} px"
+          f"{f' of {len(concepts)} concepts' if len(concepts) > 1 else ''}; run folder {out}")
+    log = Log(out, start, args.steps, device, state.get("log") if state else None,
+              plain_lines=not cli.interactive(), writes=writes)
+    del state
+    try:
+        train(args, sd, preview_sd, train_step, trained, generator, log, [preview_prompts(args, c) for c in concepts])
+    except Stopped as e:
+        raise SystemExit(f"train.py: error: {e}") from None
 
 
 def lr_at(step, args):
@@ -256,30 +309,36 @@ def lr_at(step, args):
     return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
 
 
-def train(args, sd, preview_sd, train_step, trained, generator, log):
-    """The loop: one step, then logging, previews and saves when they are due. Ctrl-C stops it after the step, saved."""
-    out, start = Path(args.out), log.start
-    prompts = preview_prompts(args)
-    seeds = [args.seed + k for k in range(len(prompts))]
-    with cli.ctrl_c_asks_to_stop() as stop, cli.progress(total=args.steps, initial=start, unit="step") as bar, log:
+def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
+    """The loop: one step, then logging, previews and saves when they are due. Ctrl-C stops it after the step, saved.
+    previews: the prompts of each row of the preview grids. Under torchrun every rank runs it, and rank 0 alone
+    draws the previews and writes the files."""
+    out, start, group = Path(args.out), log.start, train_step.group
+    writes = group is None or group.main
+    seeds = [args.seed + k for k in range(len(previews[0]))]
+    with cli.ctrl_c_asks_to_stop() as ctrl_c, cli.progress(total=args.steps, initial=start, unit="step") as bar, log:
         try:
             for step in range(start + 1, args.steps + 1):
                 train_step.lr.fill_(lr_at(step, args))  # one write on the device, which a replayed graph reads too
                 log.pending.append(train_step(generator))
                 bar.update()
+                stop = bool(ctrl_c) if group is None else group.any(bool(ctrl_c))  # all ranks stop at one step
                 if step % args.log_every == 0 or step == args.steps:
                     bar.set_postfix(loss=f"{log.write(step, lr_at(step, args)):.4f}")
-                if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+                if writes and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                     with log.peak_not_counted():
                         try:
-                            preview(preview_sd, prompts, seeds, args, out / "samples" / f"step-{step:05d}.png")
+                            preview(preview_sd, previews, seeds, args, out / "samples" / f"step-{step:05d}.png")
                         except ValueError as e:  # generate's non-finite latents: the weights have diverged
                             raise log.stop(f"the preview after step {step} failed: {e}", diverged=True) from None
                 if (args.save_every and step % args.save_every == 0) or step == args.steps or stop:
                     log.check(step)
                     if not all(p.isfinite().all() for m in trained.values() for p in m.parameters()):
                         raise log.stop(f"the weights are not finite after step {step}", diverged=True)
-                    setup.save(out, sd, trained, train_step, step, args, generator, log)
+                    if writes:
+                        setup.save(out, sd, trained, train_step, step, args, generator, log)
+                    if group is not None:  # the others wait for the save: none ends the group while rank 0 writes
+                        group.barrier()
                 if stop:
                     print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
                     raise SystemExit(130)
@@ -289,40 +348,42 @@ def train(args, sd, preview_sd, train_step, trained, generator, log):
     model = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else \
         f"--ckpt {out / 'model.safetensors'}"
     print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "
-          f"sample.py {model} --prompt \"{prompts[0] if args.ckpt == 'toy' else prompts[1]}\")")
+          f"sample.py {model} --prompt \"{previews[0][0] if args.ckpt == 'toy' else previews[0][1]}\")")
     print(f"log: {out / 'log.jsonl'}, previews: {out / 'samples'}, train state for --resume: {out / 'train_state.pt'}")
 
 
-def preview_prompts(args):
-    """The prompts of the preview grids: the subject, edits of it, and last the prior prompt, which should keep showing
-    the class in general (if it turns into the subject, the class drifts). The toy model knows only its captions'
-    words, so its edits are other shapes and colours, which should keep their own colour."""
-    subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
-    edits = ["a red square", "a blue triangle", f"a yellow {args.class_name or 'circle'}"] if args.ckpt == "toy" else \
+def preview_prompts(args, concept):
+    """The prompts of a concept's row of the preview grids: the subject, edits of it, and last the class prompt, which
+    should keep showing the class in general (if it turns into the subject, the class drifts). The toy model knows
+    only its captions' words, so its edits are other shapes and colours, which should keep their own colour."""
+    subject, class_word = concept.subject_and_class()
+    edits = ["a red square", "a blue triangle", f"a yellow {class_word}"] if args.ckpt == "toy" else \
         [f"a {subject} in the snow", f"a {subject} on the beach", f"a painting of a {subject}"]
-    return [args.instance_prompt, *edits, args.prior_prompt]
+    return [concept.instance_prompt, *edits, concept.class_prompt]
 
 
 @torch.no_grad()
-def preview(sd, prompts, seeds, args, path):
-    """A row of images from fixed seeds, drawn as sample.py draws them (the model's guidance scale: SD's 7.5, the
-    toy's from its file), and labelled as A1111 labels a grid: by its first image."""
+def preview(sd, rows, seeds, args, path):
+    """A grid of images, a row of prompts per concept, each row from the same fixed seeds, drawn as sample.py draws
+    them (the model's guidance scale: SD's 7.5, the toy's from its file), and labelled as A1111 labels a grid: by its
+    first image."""
     sd.text_encoder.to(sd.device)
     sd.vae.to(sd.device)
     sd.unet.eval()
     scale = sd.sampling.get("scale", 7.5)
-    with setup.autocast(args):
-        images = generate(sd, prompts, seeds, steps=args.sample_steps, height=args.resolution,
-                          width=args.resolution, scale=scale, progress=False)
+    with setup.autocast(args):  # a row at a time: the memory of one row, whatever the number of concepts
+        images = [image for row in rows for image in generate(sd, row, seeds, steps=args.sample_steps, scale=scale,
+                                                               height=args.resolution, width=args.resolution,
+                                                               progress=False)]
     sd.unet.train()
     if not (args.no_cache and not args.vae):  # --no-cache encodes with the model's own VAE at every step
         sd.vae.to("cpu")
     if not args.train_text_encoder:
         sd.text_encoder.to("cpu")
     path.parent.mkdir(exist_ok=True)
-    parameters = a1111_parameters(prompts[0], "", args.sample_steps, scale, seeds[0], args.resolution, args.resolution,
+    parameters = a1111_parameters(rows[0][0], "", args.sample_steps, scale, seeds[0], args.resolution, args.resolution,
                                   Path(args.out).name, vae=args.vae and Path(args.vae).name)
-    save_png(image_grid(images, cols=len(images)), path, parameters)
+    save_png(image_grid(images, cols=len(seeds)), path, parameters)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ cli.TOY_DEFAULTS.
 """
 import argparse
 import json
+import os
+import re
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torch
 
 import cli
 from dreambooth.files import LOCK_NAME, FolderInUse, lock_folder
-from dreambooth.torchfile import CheckpointError, read_pickle
+from dreambooth.torchfile import CheckpointError, first_line, read_pickle
 
 
 def parser():
@@ -31,6 +34,13 @@ def parser():
         "runs/dog-<date>/lora.safetensors"],
         usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
     p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
+    p.add_argument("--concepts", metavar="FILE", help="several subjects in one run: a JSON list of concepts, each with "
+                                                      "instance_prompt, instance_data_dir, class_prompt and optionally "
+                                                      "class_data_dir (README, \"More subjects, more GPUs\"); instead "
+                                                      "of --instance, --prior and their prompts")
+    p.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
+                   help="train each image with the caption in the .txt file of its name beside it (photo.txt for "
+                        "photo.jpg), where there is one; --no-captions: every image with its folder's prompt")
     p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
     p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
@@ -116,10 +126,21 @@ def parse_args(argv=None):
         args.out = args.resume
         if args.lora != state["args"].get("lora", 0):  # what train_state.pt holds: the adapters, or the model
             p.error(f"--lora {args.lora}: {args.resume} was trained with --lora {state['args'].get('lora', 0)}")
-    if not args.instance:
-        p.error("--instance DIR is required")
-    if not args.class_name and not (args.instance_prompt and args.prior_prompt):
+    if args.concepts:
+        given = [flag for flag in ("instance", "prior", "instance_prompt", "prior_prompt") if getattr(args, flag)]
+        if given:
+            p.error(f"--{given[0].replace('_', '-')}: not with --concepts, whose file names each concept's folders "
+                    "and prompts")
+        if not Path(args.concepts).is_file():
+            p.error(f"--concepts {args.concepts}: no such file")
+    elif not args.instance:
+        p.error("--instance DIR (or --concepts FILE) is required")
+    elif not args.class_name and not (args.instance_prompt and args.prior_prompt):
         p.error("--class NAME is required unless both --instance-prompt and --prior-prompt are given")
+    size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes (ranks.py)
+    if args.batch_size % size:
+        p.error(f"--batch-size {args.batch_size}: with {size} processes it must be a multiple of {size}, so that "
+                "each takes an equal share of every batch")
     if args.save_merged and not args.lora:
         p.error("--save-merged: only with --lora (a full fine-tuning always writes model.safetensors)")
     cli.check_model_flags(p, args)
@@ -132,11 +153,14 @@ def resolve_defaults(args):
     if args.lr is None:
         args.lr = 1e-4 if args.lora else 1e-6  # the seed's; LoRA's usual
     args.lora_alpha = args.lora_alpha or args.lora
+    args.out = args.out or f"runs/{args.class_name or ('concepts' if args.concepts else 'run')}-" \
+                           f"{datetime.now():%Y%m%d-%H%M%S}"
+    if args.concepts:
+        return
     args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
     if not args.prior_prompt:
         listed = next(iter(manifest_prompts(args.prior).values()), None)
         args.prior_prompt = listed or cli.prompt_for(args.ckpt, args.class_name)
-    args.out = args.out or f"runs/{args.class_name or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 # What a run leaves in its folder before its first save: a fresh run may start again over it.
@@ -221,3 +245,73 @@ def manifest_prompts(folder):
             raise SystemExit(f"train.py: error: {manifest} line {n} is not make_prior.py's manifest ({e!r})") from None
         prompts[file] = prompt
     return prompts
+
+
+@dataclass
+class Concept:
+    """One subject of a run and its class. The field names are those of ShivamShrirao's DreamBooth fork's
+    concepts_list, so that its files work here as they are."""
+    instance_prompt: str                # "photo of a sks dog": the prompt of the subject's photos
+    instance_data_dir: str              # the folder of the subject's photos
+    class_prompt: str                   # "photo of a dog": the class images' prompt, where their manifest has none
+    class_data_dir: str | None = None   # the class images (make_prior.py's folder); None: no prior
+
+    def token_words(self) -> set[str]:
+        """The words the instance prompt adds to the class prompt: {"sks"} for "photo of a sks dog" and "photo of a
+        dog". A subject photo's caption must name them, a class image's must not (train_setup.caption_of)."""
+        return words(self.instance_prompt) - words(self.class_prompt)
+
+    def subject_and_class(self) -> tuple[str, str]:
+        """("sks dog", "dog") for "photo of a sks dog" and "photo of a dog": each prompt without the words the two
+        begin with alike."""
+        subject, class_ = self.instance_prompt.split(), self.class_prompt.split()
+        same = next((i for i, (a, b) in enumerate(zip(subject, class_)) if a != b), min(len(subject), len(class_)))
+        return " ".join(subject[same:]) or self.instance_prompt, " ".join(class_[same:]) or self.class_prompt
+
+
+def words(text: str) -> set[str]:
+    """The words of a prompt, in lower case, without punctuation."""
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def run_concepts(args) -> list[Concept]:
+    """The run's concepts: those of the --concepts file, else one from --instance, --prior and their prompts."""
+    if not args.concepts:
+        return [Concept(args.instance_prompt, args.instance, args.prior_prompt, args.prior)]
+    concepts = read_concepts(Path(args.concepts))
+    if len({bool(c.class_data_dir) for c in concepts}) > 1:
+        raise SystemExit(f"train.py: error: --concepts {args.concepts}: concept "
+                         f"{next(n for n, c in enumerate(concepts, 1) if not c.class_data_dir)}: class_data_dir: "
+                         "missing, while other concepts have one; a step takes a class image for each subject photo, "
+                         "so give every concept its class images, or none")
+    return concepts
+
+
+def read_concepts(path: Path) -> list[Concept]:
+    """A --concepts file: a JSON list of objects with Concept's fields. A folder given relative is relative to the
+    file's own folder. Anything wrong is one line naming the concept (counted from 1) and the field."""
+    def error(what):
+        return SystemExit(f"train.py: error: --concepts {path}: {what}")
+    try:
+        listed = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise error(f"not a JSON file ({first_line(e)})") from None
+    if not isinstance(listed, list) or not listed:
+        raise error("must hold a JSON list of concepts, [{\"instance_prompt\": ..., ...}, ...]")
+    known, concepts = [f.name for f in fields(Concept)], []
+    for n, entry in enumerate(listed, start=1):
+        if not isinstance(entry, dict):
+            raise error(f"concept {n}: not an object with the fields {', '.join(known)}")
+        unknown = sorted(entry.keys() - set(known))
+        if unknown:
+            raise error(f"concept {n}: {unknown[0]}: not a field of a concept ({', '.join(known)})")
+        for name in known:
+            value = entry.get(name)
+            if value is None and name == "class_data_dir":
+                continue
+            if not (isinstance(value, str) and value.strip()):
+                raise error(f"concept {n}: {name}: {'missing' if value is None else f'{value!r} is not a text'}")
+            if name.endswith("_dir"):
+                entry[name] = str(path.parent / value)  # an absolute path stays as it is
+        concepts.append(Concept(**entry))
+    return concepts

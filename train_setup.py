@@ -8,6 +8,7 @@ the settings.
 """
 import copy
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from dreambooth.files import replace_all, why_write_failed, write_atomic
 from dreambooth.images import list_images, load_images, skipped_images
 from dreambooth.lora import LoRA, base_dtype as lora_base_dtype, kohya_metadata, save_lora
 from dreambooth.torchfile import first_line
-from train_settings import manifest_prompts
+from train_settings import manifest_prompts, words
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
 
@@ -32,33 +33,82 @@ def autocast(args):
                           enabled=args.precision != "fp32", cache_enabled=False)
 
 
-def load_model_and_photos(args, device):
-    """Returns (sd, images [N, 3, R, R], n_instance, prior_prompts); rows are the subject's photos, then the prior's,
-    each with its prompt (train_settings.manifest_prompts, else --prior-prompt). Fills in what the model decides:
-    --resolution and --sample-steps.
+@dataclass
+class Photos:
+    """The run's images, as the rows of the tensor load_model_and_photos returns: every concept's subject photos, then
+    every concept's class images; each with the prompt it trains with and the concept it belongs to."""
+    prompts: list[str]
+    concepts: list[int]  # 0, 1, ...: the concept of each row, counted as listed
+    n_instance: int      # rows [0, n_instance) are subject photos
+
+
+def load_model_and_photos(args, concepts, device):
+    """Returns (sd, images [N, 3, R, R], Photos). Fills in what the model decides: --resolution and --sample-steps.
     The folders are checked before the model loads, so mistakes show in seconds; bad input (a folder, an image, a
-    checkpoint) stops the run with one line naming it."""
-    if not args.prior:
+    caption, a checkpoint) stops the run with one line naming it."""
+    if not concepts[0].class_data_dir:
         print("warning: no --prior: plain fine-tuning without prior preservation; the class may drift to the subject")
     try:
-        instance_paths = list_images(args.instance)
-        prior_paths = list_images(args.prior) if args.prior else []
-        for path in skipped_images(args.instance) + (skipped_images(args.prior) if args.prior else []):
-            print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
-        if args.prior and len(prior_paths) < len(instance_paths):
-            raise ValueError(f"--prior {args.prior} has {len(prior_paths)} images, fewer than the {len(instance_paths)}"
-                             f" in --instance; make more with: python make_prior.py --class {args.class_name} "
-                             f"--outdir {args.prior}")
+        subject = [photo for k, c in enumerate(concepts) for photo in concept_photos(args, k, c, subject=True)]
+        prior = [photo for k, c in enumerate(concepts) for photo in concept_photos(args, k, c, subject=False)]
         sd = dreambooth.load(args.ckpt, device=device, dtype=torch.float32, ema=args.ema)  # fp32 master weights
         args.resolution = args.resolution or sd.resolution
         args.sample_steps = args.sample_steps or sd.sampling.get("ddim_steps", cli.SD_DDIM_STEPS)
-        images, notes = load_images(instance_paths + prior_paths, args.resolution)
+        images, notes = load_images([path for path, _, _ in subject + prior], args.resolution)
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}") from None
     for note in notes:
         print(f"note: {note}")
-    listed = manifest_prompts(args.prior)
-    return sd, images, len(instance_paths), [listed.get(path.name, args.prior_prompt) for path in prior_paths]
+    _, prompts, concept_of = zip(*subject, *prior)
+    return sd, images, Photos(list(prompts), list(concept_of), len(subject))
+
+
+def concept_photos(args, k, concept, subject):
+    """[(path, prompt, k)] of concept k's subject photos or class images. An image's prompt is its caption (with
+    --captions, caption_of), else the one make_prior.py's manifest lists for it, else its folder's prompt."""
+    folder = concept.instance_data_dir if subject else concept.class_data_dir
+    if not folder:
+        return []
+    where = f"--concepts {args.concepts}: concept {k + 1}: {'instance' if subject else 'class'}_data_dir " \
+        if args.concepts else "--instance " if subject else "--prior "
+    try:
+        paths = list_images(folder)
+        if not subject and len(paths) < (n := len(list_images(concept.instance_data_dir))):
+            what = f"--class {args.class_name}" if args.class_name and not args.concepts else \
+                f'--prompt "{concept.class_prompt}"'
+            raise ValueError(f"{folder}: {len(paths)} images, fewer than the {n} subject photos; make more with: "
+                             f"python make_prior.py {what} --outdir {folder}")
+        captions = {path: caption_of(path, concept, subject) for path in paths} if args.captions else {}
+    except ValueError as e:
+        raise ValueError(where + str(e)) from None
+    for path in skipped_images(folder):
+        print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
+    listed = {} if subject else manifest_prompts(folder)
+    folder_prompt = concept.instance_prompt if subject else concept.class_prompt
+    return [(path, captions.get(path) or listed.get(path.name, folder_prompt), k) for path in paths]
+
+
+def caption_of(path, concept, subject):
+    """The caption of an image: the text of the .txt file of its name beside it (kohya's convention), or None. A
+    subject photo's caption must name the subject's token (the words its instance prompt adds to the class prompt:
+    "sks"), which the photo teaches; a class image's must not, or the class images would teach the token the class."""
+    text_file = path.with_suffix(".txt")
+    if not text_file.is_file():
+        return None
+    try:
+        caption = " ".join(text_file.read_bytes().decode().split())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{text_file}: a caption must be UTF-8 text ({e})") from None
+    token = " ".join(sorted(concept.token_words()))
+    if not caption:
+        raise ValueError(f"{text_file}: the caption is empty; write the image's prompt in it, or delete it")
+    if subject and token and not concept.token_words() <= words(caption):
+        raise ValueError(f"{text_file}: the caption {caption!r} does not name the subject ({token!r}), so the photo "
+                         "would teach its other words the subject; add it, or train with --no-captions")
+    if not subject and concept.token_words() & words(caption):
+        raise ValueError(f"{text_file}: a class image's caption names the subject ({token!r}), which would teach it "
+                         "the class; remove it")
+    return caption
 
 
 def trained_modules(sd, args, device):
@@ -77,21 +127,21 @@ def trained_modules(sd, args, device):
     return trained
 
 
-def encode_prompts(sd, args, prior_prompts, base_prior, device):
-    """The prompts a step uses, each once: the instance prompt, the prior's, and with --prior-loss base the empty
-    prompt last. Returns (ids [K, 77], their contexts before training or None, each prior image's row of them); a
-    frozen text encoder then leaves the GPU."""
-    prompts = [args.instance_prompt, *dict.fromkeys(prior_prompts)]
+def encode_prompts(sd, args, photos, base_prior, device):
+    """The prompts a step uses, each once, in the order of the photos (the instance prompt first), and with --prior-loss
+    base the empty prompt last. Returns (ids [K, 77], their contexts before training or None, each photo's row of
+    them); a frozen text encoder then leaves the GPU."""
+    prompts = list(dict.fromkeys(photos.prompts))
     cli.note_long_prompts(sd.tokenizer, prompts)
     ids = sd.tokenizer(prompts + [""] * base_prior).to(device)
-    prior_rows = torch.tensor([prompts.index(p) for p in prior_prompts], dtype=torch.long, device=device)
+    rows = torch.tensor([prompts.index(p) for p in photos.prompts], dtype=torch.long, device=device)
     contexts = None
     if not args.train_text_encoder or base_prior:  # the contexts before training: the base model's
         with torch.no_grad():
             contexts = sd.text_encoder(ids)
     if not args.train_text_encoder:
         sd.text_encoder.to("cpu")
-    return ids, contexts, prior_rows
+    return ids, contexts, rows
 
 
 def frozen_base(unet, lora, precision):
@@ -102,9 +152,10 @@ def frozen_base(unet, lora, precision):
     return copy.deepcopy(unet).requires_grad_(False).eval().to(PRECISIONS[precision])
 
 
-def make_optimizer(args, sd, trained, images_per_step, device):
+def make_optimizer(args, sd, trained, images_per_step, device, group=None):
     """AdamW over the trained weights, stepped inside backward where that pays (speed.StepInBackward), gradient
     checkpointing where memory needs it, and whether the step can be one CUDA graph; the choices in two lines.
+    Under torchrun (group) each block's gradients are averaged over the ranks before the block steps.
     Returns (optimizer, lr, scaler, graph)."""
     params = [p for m in trained.values() for p in m.parameters()]
     # The textbook way, one AdamW stepped after backward, where stepping inside it cannot be or does not pay: clipping
@@ -112,9 +163,9 @@ def make_optimizer(args, sd, trained, images_per_step, device):
     # adapters need no saving of a gradient buffer: one AdamW for all of them launches fewer kernels than one per
     # adapter, and ran faster (benchmarks/README.md).
     after_backward = bool(args.lora or args.no_step_in_backward or args.clip_grad or args.precision == "fp16")
-    checkpointing, why = choose_grad_checkpointing(args, sd, params, images_per_step, after_backward, device)
+    checkpointing, why = choose_grad_checkpointing(args, sd, params, images_per_step, after_backward, device, group)
     sd.unet.set_grad_checkpointing(checkpointing)
-    why_eager = why_no_cuda_graph(args, device)
+    why_eager = why_no_cuda_graph(args, device, group)
     graph = why_eager is None
     # torch's AdamW with weight decay 0.01 (its default, as in the seed), fused: one kernel per update. Its learning
     # rate is one tensor on the device, so that setting it is one write which a CUDA graph's recorded update reads;
@@ -124,7 +175,8 @@ def make_optimizer(args, sd, trained, images_per_step, device):
     def adamw(params):
         return torch.optim.AdamW(params, lr=lr, fused=True, capturable=graph)
 
-    optimizer = adamw(params) if after_backward else speed.StepInBackward(speed.blocks(trained), adamw)
+    optimizer = adamw(params) if after_backward else \
+        speed.StepInBackward(speed.blocks(trained), adamw, average=group.average if group else None)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if tf32 := speed.tf32_matmuls(device, args.precision):
         print(tf32)
@@ -133,12 +185,15 @@ def make_optimizer(args, sd, trained, images_per_step, device):
     return optimizer, lr, scaler, graph
 
 
-def why_no_cuda_graph(args, device):
+def why_no_cuda_graph(args, device, group=None):
     """Why the step cannot be one CUDA graph here (a line), or None where it can."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     if not args.cuda_graph:
         return "--no-cuda-graph"
+    if group is not None:
+        return ("several processes: the all-reduce of the gradients is not recorded in the graph (untested: NCCL's "
+                "calls can be, https://pytorch.org/docs/stable/notes/cuda.html#usage-with-distributeddataparallel)")
     if args.precision == "fp16":
         return "fp16's loss scaler checks the gradients on the host and may skip a step; bf16 runs as one CUDA graph"
     if args.clip_grad:
@@ -146,7 +201,7 @@ def why_no_cuda_graph(args, device):
     return None
 
 
-def choose_grad_checkpointing(args, sd, params, images_per_step, after_backward, device):
+def choose_grad_checkpointing(args, sd, params, images_per_step, after_backward, device, group=None):
     """Gradient checkpointing keeps only each UNet block's input in forward and recomputes the block in backward:
     a fraction of the activation memory, for more time per step. --grad-checkpointing / --no-grad-checkpointing
     decide; by default it is on only where the GPU could not hold the run without it.
@@ -156,7 +211,7 @@ def choose_grad_checkpointing(args, sd, params, images_per_step, after_backward,
     if device.type != "cuda":
         return False, "gradient checkpointing off: memory is not the limit on a CPU (--grad-checkpointing turns it on)"
     need = speed.training_memory_gib(sd.unet, params, images_per_step, args.resolution, args.precision == "fp32",
-                                     after_backward, why_no_cuda_graph(args, device) is None,
+                                     after_backward, why_no_cuda_graph(args, device, group) is None,
                                      (sd.text_encoder, sd.vae) if args.sample_every else None, device)
     free = speed.free_gpu_memory_gib(device)
     on = need.total > 0.85 * free
@@ -228,8 +283,9 @@ def save(out, sd, trained, train_step, step, args, generator, log):
         if not args.lora:
             dreambooth.save(sd, staging / "model.safetensors")
         else:
-            comment = (f"DreamBooth: {args.instance_prompt!r}, prior {args.prior_prompt!r}"
-                       f"{'' if args.prior else ' (none)'}, {args.batch_size} + {args.batch_size} a step")
+            what = f"the concepts of {Path(args.concepts).name}" if args.concepts else \
+                f"{args.instance_prompt!r}, prior {args.prior_prompt!r}{'' if args.prior else ' (none)'}"
+            comment = f"DreamBooth: {what}, {args.batch_size} + {args.batch_size} a step"
             save_lora(trained["lora"], staging / "lora.safetensors", kohya_metadata(
                 args.lora, args.lora_alpha, Path(args.ckpt).name, learning_rate=args.lr, steps=step,
                 max_train_steps=args.steps, seed=args.seed, resolution=args.resolution, training_comment=comment))

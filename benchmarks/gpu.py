@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: d
 
 import train  # noqa: E402
 import train_settings  # noqa: E402
+import train_setup  # noqa: E402
 from dreambooth import StableDiffusion, Tokenizer  # noqa: E402
 from dreambooth.clip import CLIPConfig, CLIPTextModel  # noqa: E402
 from dreambooth.ddim import sd_alphas_cumprod  # noqa: E402
@@ -151,7 +152,8 @@ def ours_step(sizes, device, graph, checkpointing, train_text_encoder, lora=0):
     sd = random_sd(sizes, device, torch.float32)
     photos = torch.rand(2, 3, sizes.resolution, sizes.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with contextlib.redirect_stdout(io.StringIO()):  # make_step's notices
-        step, _ = train.make_step(sd, photos, 1, [args.prior_prompt], args, device)
+        step, _ = train.make_step(sd, photos, train_setup.Photos([args.instance_prompt, args.prior_prompt], [0, 0], 1),
+                                  args, device)
     generator = torch.Generator(device).manual_seed(args.seed)
 
     def run():  # the loop's call

@@ -87,10 +87,10 @@ class Checks:
         resolution = "64" if self.smoke or model == "toy" else "512"
         seen = {}
 
-        def spy(args, sd, preview_sd, train_step, trained, generator, log):
+        def spy(args, sd, preview_sd, train_step, trained, generator, log, previews):
             seen["start"] = weights(trained)
             seen["step"] = train_step
-            real_train(args, sd, preview_sd, train_step, trained, generator, log)
+            real_train(args, sd, preview_sd, train_step, trained, generator, log, previews)
             seen["end"] = weights(trained)
 
         def no_save(out, sd, trained, train_step, step, args, generator, log):  # 10 GB a full-size save: skipped

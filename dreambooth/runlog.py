@@ -9,6 +9,7 @@ from the train state. The log also keeps the steps' peak GPU memory, previews no
 import contextlib
 import json
 import math
+import os
 import time
 
 import torch
@@ -30,14 +31,18 @@ def logged_step(line):
 
 
 class Log:
-    def __init__(self, out, start, steps, device, saved=None, plain_lines=False):
+    def __init__(self, out, start, steps, device, saved=None, plain_lines=False, writes=True):
+        """writes=False: the log of a process that writes no files (a torchrun rank but the first): it checks the
+        losses as the first one does, and writes its rows nowhere."""
         self.path, self.out, self.start, self.steps = out / "log.jsonl", out, start, steps
         self.saved_step = start or None  # the step of the last good save
-        if start and self.path.exists():
+        if not writes:
+            self.path = os.devnull
+        elif start and self.path.exists():
             text = self.path.read_bytes().decode(errors="replace")  # bytes that are not text make rows that drop
             rows = [line for line in text.splitlines() if logged_step(line) <= start]
             write_atomic(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in rows)))
-        self.file = open(self.path, "a" if start else "w")  # a fresh run starts the log of one that never saved
+        self.file = open(self.path, "a" if start and writes else "w")  # a fresh run starts the log of one that never saved
         self.pending, self.losses = [], list(saved["losses"]) if saved else []
         self.time, self.t0 = (saved["time"] if saved else 0.0), time.time()
         self.plain_lines, self.device, self.peak = plain_lines, torch.device(device), 0.0

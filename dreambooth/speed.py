@@ -37,7 +37,8 @@ class StepInBackward:
     It stands where the optimizer stands in the textbook step: loss.backward() steps, step() checks that every block
     did, zero_grad() has nothing left to free (after a backward that did not finish, it frees what is left)."""
 
-    def __init__(self, blocks, make_optimizer):
+    def __init__(self, blocks, make_optimizer, average=None):
+        self.blocks, self.average = blocks, average  # average(gradients): torchrun's mean over ranks, before a step
         self.optimizers = [make_optimizer(params) for params in blocks]
         self.sizes = [len(params) for params in blocks]
         self.waiting = list(self.sizes)
@@ -52,6 +53,8 @@ class StepInBackward:
     def gradient_ready(self, i, param):
         self.waiting[i] -= 1
         if self.waiting[i] == 0:
+            if self.average is not None:
+                self.average([p.grad for p in self.blocks[i]])
             self.optimizers[i].step()
             self.optimizers[i].zero_grad(set_to_none=True)
             self.waiting[i] = self.sizes[i]

@@ -73,9 +73,9 @@ def random_batches(side: int, device, seed: int = 0):
     from train import Batches  # a program: imported only where it is used
     posteriors = torch.randn(2, 2, 8, side, side, generator=torch.Generator().manual_seed(seed))
     posteriors[:, :, 4:] -= 8
-    prior_rows = torch.ones(1, dtype=torch.long, device=device)  # the prior photo's prompt: the step's contexts[1]
-    return Batches(posteriors.to(device), None, None, n_instance=1, prior_rows=prior_rows, batch_size=1,
-                   latent_scale=LATENT_SCALE)
+    zero = torch.zeros(1, dtype=torch.long, device=device)  # the subject photo's prompt and concept, the first
+    return Batches(posteriors.to(device), None, None, instance_rows=zero, instance_concepts=zero,
+                   prior_rows=zero + 1, prior_first=zero, prior_counts=[1], batch_size=1, latent_scale=LATENT_SCALE)
 
 
 def random_lora(sd, path, rank=4, alpha=2.0, seed=1, std=0.5):

@@ -73,8 +73,9 @@ def make_step(photos, *flags):
     args, _ = train_settings.parse_args(["--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
                                 "--class", "dog", "--ckpt", "tiny", "--device", "cpu", "--resolution", "64", *flags])
     train_settings.resolve_defaults(args)
-    sd, images, n_instance, prior_prompts = train_setup.load_model_and_photos(args, torch.device("cpu"))
-    step, trained = train.make_step(sd, images, n_instance, prior_prompts, args, torch.device("cpu"))
+    concepts = train_settings.run_concepts(args)
+    sd, images, photos = train_setup.load_model_and_photos(args, concepts, torch.device("cpu"))
+    step, trained = train.make_step(sd, images, photos, args, torch.device("cpu"))
     return sd, step
 
 
@@ -522,7 +523,7 @@ def test_toy_previews_say_how_they_were_drawn_and_ask_what_the_toy_knows(photos,
     for ckpt in ("toy", "tiny"):
         args, _ = train_settings.parse_args(["--instance", "x", "--class", "circle", "--ckpt", ckpt])
         train_settings.resolve_defaults(args)
-        prompts[ckpt] = train.preview_prompts(args)
+        prompts[ckpt] = train.preview_prompts(args, train_settings.run_concepts(args)[0])
     known = {"a", "sks", *toyworld.SHAPES, *toyworld.COLOURS}
     assert all(set(prompt.split()) <= known for prompt in prompts["toy"]), prompts["toy"]
     assert prompts["tiny"][1] == "a sks circle in the snow"  # SD's edits
