@@ -292,7 +292,7 @@ def run(args, state, concepts, group, device):
         return
     n_prior = len(photos.prompts) - photos.n_instance
     print(f"training {sum(p.numel() for m in trained.values() for p in m.parameters()) / 1e6:.1f}M parameters of "
-          f"{args.ckpt} on {device}{f' and {group.size - 1} more processes' if group else ''}, {args.precision}, lr "
+          f"{args.ckpt} on {device}{f' (rank 0 of {group.size} processes)' if group else ''}, {args.precision}, lr "
           f"{args.lr:g}, {photos.n_instance} subject + {n_prior} prior images at {args.resolution} px"
           f"{f' of {len(concepts)} concepts' if len(concepts) > 1 else ''}; run folder {out}")
     log = Log(out, start, args.steps, device, state.get("log") if state else None,

@@ -31,7 +31,10 @@ def parser():
         "python train.py --instance examples/dog --prior prior/dog --class dog   # SD v1 from weights/sd-v1-4.ckpt "
         "(prior/dog: python make_prior.py --class dog)",
         "python train.py --instance examples/dog --prior prior/dog --class dog --lora 16   # a LoRA: "
-        "runs/dog-<date>/lora.safetensors"],
+        "runs/dog-<date>/lora.safetensors",
+        "python train.py --concepts concepts.json   # several subjects in one run (README: More subjects, more GPUs)",
+        "torchrun --nproc_per_node 4 train.py --instance examples/dog --prior prior/dog --class dog --batch-size 4"
+        "   # 4 GPUs, one subject photo each a step"],
         usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
     p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
     p.add_argument("--concepts", metavar="FILE", help="several subjects in one run: a JSON list of concepts, each with "
@@ -255,11 +258,13 @@ class Concept:
     instance_data_dir: str              # the folder of the subject's photos
     class_prompt: str                   # "photo of a dog": the class images' prompt, where their manifest has none
     class_data_dir: str | None = None   # the class images (make_prior.py's folder); None: no prior
+    token: str | None = None            # the rare word for the subject (--token); not in the fork's files
 
     def token_words(self) -> set[str]:
-        """The words the instance prompt adds to the class prompt: {"sks"} for "photo of a sks dog" and "photo of a
-        dog". A subject photo's caption must name them, a class image's must not (train_setup.caption_of)."""
-        return words(self.instance_prompt) - words(self.class_prompt)
+        """The token's words; without one, the words the instance prompt adds to the class prompt ({"sks"} for
+        "photo of a sks dog" and "photo of a dog"). A subject photo's caption must name them, a class image's must
+        not (train_setup.caption_of)."""
+        return words(self.token) if self.token else words(self.instance_prompt) - words(self.class_prompt)
 
     def subject_and_class(self) -> tuple[str, str]:
         """("sks dog", "dog") for "photo of a sks dog" and "photo of a dog": each prompt without the words the two
@@ -277,7 +282,8 @@ def words(text: str) -> set[str]:
 def run_concepts(args) -> list[Concept]:
     """The run's concepts: those of the --concepts file, else one from --instance, --prior and their prompts."""
     if not args.concepts:
-        return [Concept(args.instance_prompt, args.instance, args.prior_prompt, args.prior)]
+        token = args.token if words(args.token) <= words(args.instance_prompt) else None
+        return [Concept(args.instance_prompt, args.instance, args.prior_prompt, args.prior, token)]
     concepts = read_concepts(Path(args.concepts))
     if len({bool(c.class_data_dir) for c in concepts}) > 1:
         raise SystemExit(f"train.py: error: --concepts {args.concepts}: concept "
@@ -307,11 +313,13 @@ def read_concepts(path: Path) -> list[Concept]:
             raise error(f"concept {n}: {unknown[0]}: not a field of a concept ({', '.join(known)})")
         for name in known:
             value = entry.get(name)
-            if value is None and name == "class_data_dir":
+            if value is None and name in ("class_data_dir", "token"):
                 continue
             if not (isinstance(value, str) and value.strip()):
                 raise error(f"concept {n}: {name}: {'missing' if value is None else f'{value!r} is not a text'}")
             if name.endswith("_dir"):
                 entry[name] = str(path.parent / value)  # an absolute path stays as it is
+                if not Path(entry[name]).is_dir():
+                    raise error(f"concept {n}: {name}: {entry[name]}: no such folder")
         concepts.append(Concept(**entry))
     return concepts

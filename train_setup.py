@@ -192,8 +192,7 @@ def why_no_cuda_graph(args, device, group=None):
     if not args.cuda_graph:
         return "--no-cuda-graph"
     if group is not None:
-        return ("several processes: the all-reduce of the gradients is not recorded in the graph (untested: NCCL's "
-                "calls can be, https://pytorch.org/docs/stable/notes/cuda.html#usage-with-distributeddataparallel)")
+        return "torchrun: the all-reduce of the gradients between processes is not recorded in the graph"
     if args.precision == "fp16":
         return "fp16's loss scaler checks the gradients on the host and may skip a step; bf16 runs as one CUDA graph"
     if args.clip_grad:
