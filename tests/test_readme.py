@@ -6,7 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SECTIONS = ["The first run", "With real weights", "How it works, and the order to read the files",
-            "The flags most people use", "LoRA", "Sampling and class images", "The run folder and resume", "Tests",
+            "The flags most people use", "LoRA", "Sampling and class images", "The run folder and resume",
+            "More subjects, more GPUs", "Tests",
             "Performance", "Troubleshooting", "Credits and licences"]
 
 
