@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 import train
 import train_settings
@@ -148,3 +149,12 @@ def test_captions_that_would_teach_the_wrong_thing_are_named(photos, tmp_path, f
                                          rf".*{message}"):
         run(tmp_path, tmp_path / "run")
     run(tmp_path, tmp_path / "run", "--no-captions", "--steps", "1")  # the user's way out
+
+
+def test_a_concepts_run_trains_a_lora_whose_file_names_them(photos, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--concepts", str(two_concepts(photos, tmp_path)), "--ckpt", "tiny", "--device", "cpu", "--resolution",
+                "64", "--steps", "2", "--sample-every", "0", "--lora", "4", "--out", str(out)])
+    with safe_open(out / "lora.safetensors", "pt") as f:
+        assert f.metadata()["ss_training_comment"].startswith("DreamBooth: the concepts of concepts.json")
+        assert any(f.get_tensor(k).abs().sum() > 0 for k in f.keys() if k.endswith("lora_up.weight"))
