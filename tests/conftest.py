@@ -31,8 +31,9 @@ from tests.references import (compvis_schedule, parity_inputs, random_model, ref
 # Tests too slow for the quick subset (`python -m pytest -m quick`, under a minute on 2 cores): besides those that
 # build full-size SD v1 models (the sd_v1_files fixture, or test_full_size_* themselves), these train the toy model,
 # run the benchmarks or make_toy.py, or run the programs as processes (torchrun's among them) for several seconds.
-SLOW = ("test_benchmarks.py", "test_torchrun.py::test_two_processes", "test_torchrun.py::test_ctrl_c",
-        "test_torchrun.py::test_a_diverging", "test_concepts_teach_two_subjects", "test_dreambooth_teaches_the_toy_model_its_subject", "test_the_prior_keeps_the_class",
+SLOW = ("test_benchmarks.py", "test_dreambooth_teaches_the_toy_model_its_subject", "test_the_prior_keeps_the_class",
+        "test_concepts_teach_two_subjects", "test_torchrun.py::test_two_processes", "test_torchrun.py::test_ctrl_c",
+        "test_torchrun.py::test_a_diverging",
         "test_make_toy.py::test_a_run", "test_make_toy.py::test_vae_from_keeps", "test_a_run_folder_is_one_runs",
         "test_two_fresh_runs_started", "test_run_opens_in_sample_py", "test_after_a_crash_the_resumed_log",
         "test_ctrl_c_saves_the_step", "test_ctrl_c_while_importing", "test_help_shows_defaults", "test_command_line_",
