@@ -35,7 +35,8 @@ def test_help_shows_defaults_and_ends_with_examples(program, usage, defaults):
         assert default in text
     assert "(default: None)" not in text
     examples = result.stdout.split("examples:\n")[1].splitlines()
-    assert len(examples) >= 2 and all(line.strip().startswith(f"python {program}") for line in examples)
+    assert len(examples) >= 2 and all(line.strip().startswith((f"python {program}", f"torchrun --nproc_per_node 4 "
+                                                                f"{program}")) for line in examples)
 
 
 def test_exit_codes():
