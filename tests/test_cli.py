@@ -51,6 +51,14 @@ def test_exit_codes():
     assert codes == [None, 130, "x.py: error: bad"]  # None: status 0; a message: status 1
 
 
+def test_under_torchrun_rank_0_alone_says_the_toy_model_is_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no weights/ here
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.default_checkpoint("make_prior.py") == "toy"
+        assert ("make_prior.py: note: no weights/sd-v1-4.ckpt" in capsys.readouterr().out) == says
+
+
 def test_model_name_is_the_run_folder_for_a_runs_model():
     assert cli.model_name("runs/dog-20261126/model.safetensors") == "dog-20261126"
     assert cli.model_name("weights/sd-v1-4.ckpt") == "sd-v1-4"
