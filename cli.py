@@ -161,12 +161,14 @@ def with_loras(prompt, loras):
 
 
 def default_checkpoint(program):
-    """The first of dreambooth.checkpoint.DEFAULT_FILES that exists, else "toy", saying so in one line."""
+    """The first of dreambooth.checkpoint.DEFAULT_FILES that exists, else "toy", saying so in one line; under
+    torchrun rank 0 alone says it (this runs while the flags are read, before ranks.join silences the others)."""
     for f in DEFAULT_FILES:
         if Path(f).is_file():
             return f
-    print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in toy model "
-          "(it draws coloured shapes: docs/toy-world.md)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in toy model "
+              "(it draws coloured shapes: docs/toy-world.md)")
     return "toy"
 
 

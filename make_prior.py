@@ -1,6 +1,7 @@
 """Generate the class images for DreamBooth's prior-preservation loss.
 
     python make_prior.py --class dog             # 200 images of "photo of a dog" in prior/dog/
+    torchrun --nproc_per_node 4 make_prior.py --class dog  # the same folder, made by 4 GPUs
     python train.py --instance photos/ --prior prior/dog --class dog
 
 DreamBooth trains on the subject's photos and, in the same batches, on images the model itself made of the bare
@@ -14,17 +15,25 @@ and the result is the same as an uninterrupted run: images are made in fixed bat
 batch with any image missing is made again in full, so every image is computed alongside the same neighbours. A
 folder made with other settings is refused rather than mixed.
 
+Under torchrun (ranks.py) the processes share the work: the batches still to do are dealt out in rounds, one batch
+to each process, and each round's images go to rank 0, which alone reads and writes the folder, image by image in
+index order. So the folder is the one a single process writes (on the same hardware, the same bytes), and an
+interrupted run continues with any number of processes.
+
 There is no safety checker: a checker blacks out the images it flags, and black images in the prior would
 silently teach the model that black squares are dogs.
 """
 import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
+import contextlib
 import json
 import os
 from pathlib import Path
 
+import torch.distributed as dist
 from PIL import Image
 
 import cli
+import ranks
 from dreambooth.files import write_atomic
 from dreambooth.generate import generate
 from dreambooth.images import a1111_parameters, save_png
@@ -38,13 +47,16 @@ def parse_args(argv=None):
         "python make_prior.py --class dog                     # 200 images of \"photo of a dog\" in prior/dog/",
         "python make_prior.py --class circle                  # without weights: the toy model, \"a circle\", "
         "\"a red circle\", ...",
-        'python make_prior.py --prompt "a photo of a corgi" --outdir prior/corgi --batch-size 8'],
+        'python make_prior.py --prompt "a photo of a corgi" --outdir prior/corgi --batch-size 8',
+        "torchrun --nproc_per_node 4 make_prior.py --class dog --num-class-images 400   # 4 GPUs, one folder"],
         usage="make_prior.py --class NAME [options]  |  make_prior.py --prompt TEXT --outdir DIR [options]")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='the class of the subject, e.g. "dog"')
     p.add_argument("--prompt", dest="prompts", action="append", metavar="PROMPT",
                    help='default "photo of a {class}" (toy: "a {class}" and "a red {class}", ... in its four colours); '
                         "repeat it for several: image i gets the (i mod their number)-th")
-    p.add_argument("--num", type=cli.number(low=1), default=200, help="how many images the folder should hold")
+    p.add_argument("--num", "--num-class-images", "--num_class_images", dest="num", type=cli.number(low=1),
+                   default=200, help="how many images the folder should hold (under torchrun write "
+                                     "--num-class-images: torchrun takes --num for its own --numa-binding)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=cli.number(low=1), default=4,
                    help="images made at once (8 fits a 16 GB GPU at 512 px)")
     p.add_argument("--outdir", help="default prior/<class>")
@@ -122,40 +134,110 @@ def check_unlisted(args, settings, paths):
                              "this command makes; move it away or choose another --outdir")
 
 
-def write_batches(sd, args, todo, names, done, settings, remaining):
-    """Generate the batches still to do; each image is finished once its manifest line is on the disk."""
-    outdir, path = args.outdir, args.outdir / "manifest.jsonl"
-    kept = f"the images finished so far are in {outdir}/; the same command goes on from there"
-    with open(path, "a") as manifest, \
+def on_rank_0(group, work):
+    """work() done by rank 0 alone (the folder is rank 0's), its result given to every rank; without a group, just
+    work(). Where it stops rank 0 with an error, every rank stops here too, and the message shows once."""
+    if group is None:
+        return work()
+    outcome = [None]
+    if group.main:
+        try:
+            outcome = [(work(), None)]
+        except SystemExit as e:
+            outcome = [(None, e.code)]
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise SystemExit(error if group.main else 1)
+    return result
+
+
+def plan(args, settings, names, batches):
+    """The images of the folder that are finished, and the batches with any image still to make, after checking
+    that the folder holds nothing else this command would replace."""
+    outdir = args.outdir
+    outdir.mkdir(parents=True, exist_ok=True)
+    done = read_manifest(outdir, settings, args.prompts)
+    todo = [batch for batch in batches if any(names[i] not in done for i in batch)]
+    check_unlisted(args, settings, {i: outdir / names[i] for batch in todo for i in batch
+                                    if names[i] not in done and (outdir / names[i]).exists()})
+    return todo, done
+
+
+def make_batch(sd, args, settings, batch):
+    """(the images of a batch, None), or (None, why not): latents that are not finite, which would decode to black
+    images, and black images must not enter a prior."""
+    try:
+        return generate(sd, [prompt_of(args.prompts, i) for i in batch], [args.seed + i for i in batch],
+                        steps=args.ddim_steps, scale=args.scale, eta=ETA, height=settings["height"],
+                        width=settings["width"], progress=False, precision=args.precision), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def gather(group, made):
+    """Every rank's `made` on rank 0, in rank order (None on the other ranks); without a group, [made]."""
+    if group is None:
+        return [made]
+    everyone = [None] * group.size if group.main else None
+    dist.gather_object(made, everyone, dst=0)
+    return everyone
+
+
+def write_batch(args, batch, images, names, done, settings, manifest, bar):
+    """Write a batch's images that are not finished yet, each with its manifest line; None, or why a write failed."""
+    for i, image in zip(batch, images):
+        if names[i] in done:
+            continue
+        record = {"file": names[i], "prompt": prompt_of(args.prompts, i)} | settings | {"seed": args.seed + i}
+        target = args.outdir / names[i]
+        try:  # a full disk, say: one line naming the file
+            save_png(image, target, parameters(args, settings, i))
+            target = Path(manifest.name)
+            manifest.write(json.dumps(record) + "\n")
+            manifest.flush()
+            os.fsync(manifest.fileno())
+        except OSError as e:
+            return f"writing {target} failed ({e.strerror or e})"
+        bar.update(1)
+    return None
+
+
+def write_batches(sd, args, todo, names, done, settings, group):
+    """Generate the batches still to do; each image is finished once its manifest line is on the disk. Under
+    torchrun the batches are dealt out in rounds, batch k of a round to rank k, and rank 0 writes the round's images
+    in index order: the folder one process would write."""
+    size, rank = (group.size, group.rank) if group else (1, 0)
+    remaining = sum(names[i] not in done for batch in todo for i in batch)
+    kept = f"the images finished so far are in {args.outdir}/; the same command goes on from there"
+    with (open(args.outdir / "manifest.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as manifest, \
             cli.progress(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
-        for batch in todo:
-            prompts = [prompt_of(args.prompts, i) for i in batch]
-            try:
-                images = generate(sd, prompts, [args.seed + i for i in batch], steps=args.ddim_steps,
-                                  scale=args.scale, eta=ETA, height=settings["height"], width=settings["width"],
-                                  progress=False, precision=args.precision)
-            except ValueError as e:  # latents that are not finite: black images, which must not enter a prior
-                raise SystemExit(f"make_prior.py: error: {e}; {kept}") from None
-            for i, prompt, image in zip(batch, prompts, images):
-                if names[i] in done:
-                    continue
-                record = {"file": names[i], "prompt": prompt} | settings | {"seed": args.seed + i}
-                target = outdir / names[i]
-                try:  # a full disk, say: one line naming the file
-                    save_png(image, target, parameters(args, settings, i))
-                    target = path
-                    manifest.write(json.dumps(record) + "\n")
-                    manifest.flush()
-                    os.fsync(manifest.fileno())
-                except OSError as e:
-                    raise SystemExit(f"make_prior.py: error: writing {target} failed ({e.strerror or e}); {kept}") \
-                        from None
-                bar.update(1)
+        for start in range(0, len(todo), size):
+            batches = todo[start:start + size]  # the last round may leave some ranks without one
+            made = make_batch(sd, args, settings, batches[rank]) if rank < len(batches) else None
+            made = gather(group, made)  # on rank 0 each rank's (images, error), in rank order: in index order
+            error = None
+            for batch, (images, failed) in zip(batches, made if rank == 0 else []):
+                error = failed or write_batch(args, batch, images, names, done, settings, manifest, bar)
+                if error:
+                    break
+            stop = group.any(error is not None) if group else error is not None  # all ranks stop in one round
+            if stop:
+                raise SystemExit(f"make_prior.py: error: {error}; {kept}" if rank == 0 else 1)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.check_outdir("make_prior.py", "--outdir", args.outdir)
+    group, args.device = ranks.join(args.device, "make_prior.py")
+    try:
+        make(args, group)
+    finally:
+        ranks.leave(group)
+
+
+def make(args, group):
+    """The folder of class images, on the device of this process."""
+    on_rank_0(group, lambda: cli.check_outdir("make_prior.py", "--outdir", args.outdir))
     sd = cli.load_model(args, "make_prior.py")
     cli.sampling_defaults(args, sd, scale=SCALE)
     height, width = args.H or sd.resolution, args.W or sd.resolution
@@ -169,26 +251,20 @@ def main(argv=None):
         settings["vae"] = Path(args.vae).name
     if args.lora:  # likewise
         settings["lora"] = [[Path(path).name, scale] for path, scale in args.lora]
-    outdir = args.outdir
-    outdir.mkdir(parents=True, exist_ok=True)
-    done = read_manifest(outdir, settings, args.prompts)
     names = [f"{i:05d}.png" for i in range(args.num)]
     batches = [range(start, min(start + args.batch_size, args.num)) for start in range(0, args.num, args.batch_size)]
-    todo = [batch for batch in batches if any(names[i] not in done for i in batch)]
-    remaining = sum(names[i] not in done for batch in todo for i in batch)
-    check_unlisted(args, settings, {i: outdir / names[i] for batch in todo for i in batch
-                                    if names[i] not in done and (outdir / names[i]).exists()})
+    todo, done = on_rank_0(group, lambda: plan(args, settings, names, batches))
 
     # Generate batch by batch; an image counts as finished once its manifest line is written.
     try:
-        write_batches(sd, args, todo, names, done, settings, remaining)
+        write_batches(sd, args, todo, names, done, settings, group)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the images finished so far are in {outdir}/; the same command goes on from there")
+        print(f"\ninterrupted: the images finished so far are in {args.outdir}/; the same command goes on from there")
         raise SystemExit(130) from None
 
     class_flag = f"--class {args.class_name}" if args.class_name else f'--prior-prompt "{args.prompts[0]}"'
-    print(f"{args.num} class images of {' / '.join(map(repr, args.prompts))} in {outdir}/ (manifest.jsonl lists "
-          f"them); use them with: python train.py --instance <photos> --prior {outdir} {class_flag}")
+    print(f"{args.num} class images of {' / '.join(map(repr, args.prompts))} in {args.outdir}/ (manifest.jsonl lists "
+          f"them); use them with: python train.py --instance <photos> --prior {args.outdir} {class_flag}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ SLOW = ("test_benchmarks.py", "test_dreambooth_teaches_the_toy_model_its_subject
         "test_two_fresh_runs_started", "test_run_opens_in_sample_py", "test_after_a_crash_the_resumed_log",
         "test_ctrl_c_saves_the_step", "test_ctrl_c_while_importing", "test_help_shows_defaults", "test_command_line_",
         "test_compressed_zip_members_are_refused_before_reading", "test_training_writes_a_lora_diffusers_loads",
-        "test_ema_weights_follow_diffusers_naming", "test_the_toy_vae_gives_back", "test_clip.py::test_keys_are")
+        "test_ema_weights_follow_diffusers_naming", "test_the_toy_vae_gives_back", "test_clip.py::test_keys_are",
+        "test_torchrun_")
 
 
 def pytest_collection_modifyitems(items):

@@ -35,7 +35,8 @@ def test_help_shows_defaults_and_ends_with_examples(program, usage, defaults):
         assert default in text
     assert "(default: None)" not in text
     examples = result.stdout.split("examples:\n")[1].splitlines()
-    assert len(examples) >= 2 and all(line.strip().startswith(f"python {program}") for line in examples)
+    assert len(examples) >= 2 and all(line.strip().startswith((f"python {program}", f"torchrun --nproc_per_node 4 "
+                                                                f"{program}")) for line in examples)
 
 
 def test_exit_codes():
@@ -48,6 +49,14 @@ def test_exit_codes():
             cli.run(main)
         codes.append(e.value.code)
     assert codes == [None, 130, "x.py: error: bad"]  # None: status 0; a message: status 1
+
+
+def test_under_torchrun_rank_0_alone_says_the_toy_model_is_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no weights/ here
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.default_checkpoint("make_prior.py") == "toy"
+        assert ("make_prior.py: note: no weights/sd-v1-4.ckpt" in capsys.readouterr().out) == says
 
 
 def test_model_name_is_the_run_folder_for_a_runs_model():

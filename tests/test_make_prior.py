@@ -115,7 +115,7 @@ def test_refuses_to_mix_settings_in_one_folder(reference, tmp_path, change, mess
 @pytest.mark.parametrize("flags, message", [
     ([], "--class NAME is required"),
     (["--class", "dog", "--H", "100"], "argument --H: 100: must be a positive multiple of 8"),
-    (["--class", "dog", "--num", "0"], "argument --num: 0: must be at least 1"),
+    (["--class", "dog", "--num", "0"], "argument --num/--num-class-images/--num_class_images: 0: must be at least 1"),
     (["--class", "dog", "--batch-size", "0"], "argument --batch-size/--batch_size: 0: must be at least 1"),
     (["--class", "dog", "--ckpt", "missing.safetensors"], "--ckpt missing.safetensors: no such file"),
 ])
