@@ -38,8 +38,8 @@ def parser():
         usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
     p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
     p.add_argument("--concepts", metavar="FILE", help="several subjects in one run: a JSON list of concepts, each with "
-                                                      "instance_prompt, instance_data_dir, class_prompt and optionally "
-                                                      "class_data_dir (README, \"More subjects, more GPUs\"); instead "
+                                                      "instance_prompt, instance_data_dir, class_prompt, optionally "
+                                                      "class_data_dir and token (README, \"More subjects, more GPUs\"); instead "
                                                       "of --instance, --prior and their prompts")
     p.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
                    help="train each image with the caption in the .txt file of its name beside it (photo.txt for "
