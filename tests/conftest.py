@@ -28,7 +28,7 @@ from tests.references import (compvis_schedule, parity_inputs, random_model, ref
                               reference_vae, write_lightning_ckpt)
 
 
-# Tests too slow for the quick subset (`python -m pytest -m quick`, under a minute on 2 cores): besides those that
+# Tests too slow for the quick subset (`python -m pytest -m quick`, about 80 s on 2 cores): besides those that
 # build full-size SD v1 models (the sd_v1_files fixture, or test_full_size_* themselves), these train the toy model,
 # run the benchmarks or make_toy.py, or run the programs as processes (torchrun's among them) for several seconds.
 SLOW = ("test_benchmarks.py", "test_dreambooth_teaches_the_toy_model_its_subject", "test_the_prior_keeps_the_class",
