@@ -166,7 +166,7 @@ def default_checkpoint(program):
     for f in DEFAULT_FILES:
         if Path(f).is_file():
             return f
-    if os.environ.get("RANK", "0") == "0":
+    if first_rank():
         print(f"{program}: note: no {DEFAULT_FILES[0]} or .safetensors, so using the built-in toy model "
               "(it draws coloured shapes: docs/toy-world.md)")
     return "toy"
@@ -282,7 +282,12 @@ def progress(**kwargs):
 
 def interactive():
     """Whether a person watches this process's output: a terminal, and under torchrun rank 0's alone."""
-    return sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+    return sys.stderr.isatty() and first_rank()
+
+
+def first_rank():
+    """Whether this process is the one that speaks: the only one, or torchrun's rank 0 (ranks.py)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 @contextlib.contextmanager

@@ -297,7 +297,8 @@ def run(args, state, concepts, group, device):
           f"{f' of {len(concepts)} concepts' if len(concepts) > 1 else ''}; run folder {out}")
     log = Log(out, start, args.steps, device, state.get("log") if state else None,
               plain_lines=not cli.interactive(), writes=writes)
-    del state
+    if state:  # its weights and moments, gigabytes with SD, are in the model and optimizer now: let them go
+        state.clear()
     try:
         train(args, sd, preview_sd, train_step, trained, generator, log, [preview_prompts(args, c) for c in concepts])
     except Stopped as e:

@@ -35,22 +35,9 @@ def parser():
         "python train.py --concepts concepts.json   # several subjects in one run (README: More subjects, more GPUs)",
         "torchrun --nproc_per_node 4 train.py --instance examples/dog --prior prior/dog --class dog --batch-size 4"
         "   # 4 GPUs, one subject photo each a step"],
-        usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --resume DIR [options]")
-    p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
-    p.add_argument("--concepts", metavar="FILE", help="several subjects in one run: a JSON list of concepts, each with "
-                                                      "instance_prompt, instance_data_dir, class_prompt, optionally "
-                                                      "class_data_dir and token (README, \"More subjects, more GPUs\"); instead "
-                                                      "of --instance, --prior and their prompts")
-    p.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
-                   help="train each image with the caption in the .txt file of its name beside it (photo.txt for "
-                        "photo.jpg), where there is one; --no-captions: every image with its folder's prompt")
-    p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
-    p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
-    p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
-    p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
-    p.add_argument("--prior-prompt", help="the prompt of prior images that the folder's manifest.jsonl (make_prior.py"
-                                          "'s) does not list; each image it lists trains with its own prompt. "
-                                          'Default: its first prompt, else "photo of a {class}"')
+        usage="train.py --instance DIR --class NAME [--prior DIR] [options]  |  train.py --concepts FILE [options]  |  "
+              "train.py --resume DIR [options]")
+    add_subject_flags(p)
     p.add_argument("--ckpt", help=cli.CKPT_HELP)
     p.add_argument("--ema", action="store_true", help="start from the EMA weights stored in the checkpoint")
     p.add_argument("--vae", metavar="FILE", help="a separate KL-f8 VAE file to decode the preview grids with "
@@ -85,6 +72,25 @@ def parser():
     add_machine_and_run_flags(p)
     cli.show_toy_defaults(p, "train.py")
     return p
+
+
+def add_subject_flags(p):
+    """The flags of what the run teaches: the subject's photos and prompt, the class images and theirs."""
+    p.add_argument("--instance", metavar="DIR", help="the folder of the subject's photos (3-5 are enough)")
+    p.add_argument("--concepts", metavar="FILE",
+                   help="several subjects in one run: a JSON list of concepts, each with instance_prompt, "
+                        "instance_data_dir, class_prompt, optionally class_data_dir and token (README, \"More "
+                        "subjects, more GPUs\"); instead of --instance, --prior and their prompts")
+    p.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
+                   help="train each image with the caption in the .txt file of its name beside it (photo.txt for "
+                        "photo.jpg), where there is one; --no-captions: every image with its folder's prompt")
+    p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
+    p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
+    p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
+    p.add_argument("--prior-prompt", help="the prompt of prior images that the folder's manifest.jsonl (make_prior.py"
+                                          "'s) does not list; each image it lists trains with its own prompt. "
+                                          'Default: its first prompt, else "photo of a {class}"')
 
 
 def add_machine_and_run_flags(p):

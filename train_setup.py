@@ -90,8 +90,8 @@ def concept_photos(args, k, concept, subject):
 
 def caption_of(path, concept, subject):
     """The caption of an image: the text of the .txt file of its name beside it (kohya's convention), or None. A
-    subject photo's caption must name the subject's token (the words its instance prompt adds to the class prompt:
-    "sks"), which the photo teaches; a class image's must not, or the class images would teach the token the class."""
+    subject photo's caption must name the subject's token (Concept.token_words: "sks"), which the photo teaches; a
+    class image's must not, or the class images would teach the token the class."""
     text_file = path.with_suffix(".txt")
     if not text_file.is_file():
         return None
@@ -99,14 +99,15 @@ def caption_of(path, concept, subject):
         caption = " ".join(text_file.read_bytes().decode().split())
     except UnicodeDecodeError as e:
         raise ValueError(f"{text_file}: a caption must be UTF-8 text ({e})") from None
-    token = " ".join(sorted(concept.token_words()))
     if not caption:
         raise ValueError(f"{text_file}: the caption is empty; write the image's prompt in it, or delete it")
-    if subject and token and not concept.token_words() <= words(caption):
-        raise ValueError(f"{text_file}: the caption {caption!r} does not name the subject ({token!r}), so the photo "
+    token = concept.token_words()
+    named = " ".join(sorted(token))
+    if subject and not token <= words(caption):
+        raise ValueError(f"{text_file}: the caption {caption!r} does not name the subject ({named!r}), so the photo "
                          "would teach its other words the subject; add it, or train with --no-captions")
-    if not subject and concept.token_words() & words(caption):
-        raise ValueError(f"{text_file}: a class image's caption names the subject ({token!r}), which would teach it "
+    if not subject and token & words(caption):
+        raise ValueError(f"{text_file}: a class image's caption names the subject ({named!r}), which would teach it "
                          "the class; remove it")
     return caption
 

@@ -42,7 +42,7 @@ class Log:
             text = self.path.read_bytes().decode(errors="replace")  # bytes that are not text make rows that drop
             rows = [line for line in text.splitlines() if logged_step(line) <= start]
             write_atomic(self.path, lambda tmp: tmp.write_text("".join(row + "\n" for row in rows)))
-        self.file = open(self.path, "a" if start and writes else "w")  # a fresh run starts the log of one that never saved
+        self.file = open(self.path, "a" if start else "w")  # a fresh run starts the log of one that never saved
         self.pending, self.losses = [], list(saved["losses"]) if saved else []
         self.time, self.t0 = (saved["time"] if saved else 0.0), time.time()
         self.plain_lines, self.device, self.peak = plain_lines, torch.device(device), 0.0

@@ -29,8 +29,8 @@ def two_concepts(photos, tmp_path):
     for folder in ("instance", "prior", "one", "few_prior"):
         shutil.copytree(photos / folder, tmp_path / "data" / folder)
     return write_concepts(tmp_path / "concepts.json", [
-        {"instance_prompt": "photo of a sks dog", "class_prompt": "photo of a dog", "instance_data_dir": "data/instance",
-         "class_data_dir": "data/prior"},
+        {"instance_prompt": "photo of a sks dog", "class_prompt": "photo of a dog",
+         "instance_data_dir": "data/instance", "class_data_dir": "data/prior"},
         {"instance_prompt": "photo of a zwx cat", "class_prompt": "photo of a cat", "instance_data_dir": "data/one",
          "class_data_dir": "data/few_prior"}])
 
@@ -51,7 +51,8 @@ def test_each_subject_photo_brings_a_class_image_of_its_own_concept(photos, tmp_
         ["a dog, from make_prior", "photo of a dog", "photo of a dog", "photo of a cat"]
     assert taken.concepts == [0, 0, 1, 0, 0, 0, 1] and taken.n_instance == 3
     prompts = list(dict.fromkeys(taken.prompts))
-    class_of = {"photo of a sks dog": {"a dog, from make_prior", "photo of a dog"}, "photo of a zwx cat": {"photo of a cat"}}
+    class_of = {"photo of a sks dog": {"a dog, from make_prior", "photo of a dog"},
+                "photo of a zwx cat": {"photo of a cat"}}
     seen = set()
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -137,7 +138,8 @@ def test_a_caption_beside_an_image_is_its_prompt(photos, tmp_path):
 
 
 @pytest.mark.parametrize("folder, caption, message", [
-    ("instance", "a dog on the grass", r"00\.txt: the caption 'a dog on the grass' does not name the subject \('sks'\)"),
+    ("instance", "a dog on the grass",
+     r"00\.txt: the caption 'a dog on the grass' does not name the subject \('sks'\)"),
     ("prior", "a sks dog", r"00\.txt: a class image's caption names the subject \('sks'\)"),
     ("instance", " \n", r"00\.txt: the caption is empty"),
 ])
