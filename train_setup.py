@@ -47,7 +47,8 @@ def load_model_and_photos(args, concepts, device):
     The folders are checked before the model loads, so mistakes show in seconds; bad input (a folder, an image, a
     caption, a checkpoint) stops the run with one line naming it."""
     if not concepts[0].class_data_dir:
-        print("warning: no --prior: plain fine-tuning without prior preservation; the class may drift to the subject")
+        print(f"warning: no {'class_data_dir' if args.concepts else '--prior'}: plain fine-tuning without prior "
+              "preservation; the class may drift to the subject")
     try:
         subject = [photo for k, c in enumerate(concepts) for photo in concept_photos(args, k, c, subject=True)]
         prior = [photo for k, c in enumerate(concepts) for photo in concept_photos(args, k, c, subject=False)]
