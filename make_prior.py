@@ -16,9 +16,11 @@ batch with any image missing is made again in full, so every image is computed a
 folder made with other settings is refused rather than mixed.
 
 Under torchrun (ranks.py) the processes share the work: the batches still to do are dealt out in rounds, one batch
-to each process, and each round's images go to rank 0, which alone reads and writes the folder, image by image in
-index order. So the folder is the one a single process writes (on the same hardware, the same bytes), and an
-interrupted run continues with any number of processes.
+to each process, which makes its images and encodes them as PNG files (at 512 px the encoding takes about a quarter
+of the time a fast GPU takes to make the image: too long for rank 0 to do for every process). Each round's files go
+to rank 0 as bytes, and rank 0 alone reads and writes the folder, file by file in index order. So the folder is the
+one a single process writes (on the same hardware, the same bytes), and an interrupted run continues with any number
+of processes.
 
 There is no safety checker: a checker blacks out the images it flags, and black images in the prior would
 silently teach the model that black squares are dogs.
@@ -36,7 +38,7 @@ import cli
 import ranks
 from dreambooth.files import write_atomic
 from dreambooth.generate import generate
-from dreambooth.images import a1111_parameters, save_png
+from dreambooth.images import a1111_parameters, png_bytes
 
 ETA = 0.0     # deterministic DDIM, as in the regularisation sets of the original DreamBooth runs
 SCALE = 10.0  # their guidance scale (a model file may name its own: the toy's does)
@@ -164,15 +166,17 @@ def plan(args, settings, names, batches):
     return todo, done
 
 
-def make_batch(sd, args, settings, batch):
-    """(the images of a batch, None), or (None, why not): latents that are not finite, which would decode to black
-    images, and black images must not enter a prior."""
+def make_batch(sd, args, settings, batch, names, done):
+    """(a batch's PNG files as bytes, None for its images already finished, None), or (None, why not): latents that
+    are not finite, which would decode to black images, and black images must not enter a prior."""
     try:
-        return generate(sd, [prompt_of(args.prompts, i) for i in batch], [args.seed + i for i in batch],
-                        steps=args.ddim_steps, scale=args.scale, eta=ETA, height=settings["height"],
-                        width=settings["width"], progress=False, precision=args.precision), None
+        images = generate(sd, [prompt_of(args.prompts, i) for i in batch], [args.seed + i for i in batch],
+                          steps=args.ddim_steps, scale=args.scale, eta=ETA, height=settings["height"],
+                          width=settings["width"], progress=False, precision=args.precision)
     except ValueError as e:
         return None, str(e)
+    return [None if names[i] in done else png_bytes(image, parameters(args, settings, i))
+            for i, image in zip(batch, images)], None
 
 
 def gather(group, made):
@@ -184,15 +188,16 @@ def gather(group, made):
     return everyone
 
 
-def write_batch(args, batch, images, names, done, settings, manifest, bar):
-    """Write a batch's images that are not finished yet, each with its manifest line; None, or why a write failed."""
-    for i, image in zip(batch, images):
+def write_batch(args, batch, pngs, names, done, settings, manifest, bar):
+    """Write a batch's PNG files that are not finished yet, each with its manifest line; None, or why a write
+    failed."""
+    for i, png in zip(batch, pngs):
         if names[i] in done:
             continue
         record = {"file": names[i], "prompt": prompt_of(args.prompts, i)} | settings | {"seed": args.seed + i}
         target = args.outdir / names[i]
         try:  # a full disk, say: one line naming the file
-            save_png(image, target, parameters(args, settings, i))
+            write_atomic(target, lambda tmp: tmp.write_bytes(png))
             target = Path(manifest.name)
             manifest.write(json.dumps(record) + "\n")
             manifest.flush()
@@ -205,8 +210,8 @@ def write_batch(args, batch, images, names, done, settings, manifest, bar):
 
 def write_batches(sd, args, todo, names, done, settings, group):
     """Generate the batches still to do; each image is finished once its manifest line is on the disk. Under
-    torchrun the batches are dealt out in rounds, batch k of a round to rank k, and rank 0 writes the round's images
-    in index order: the folder one process would write."""
+    torchrun the batches are dealt out in rounds, batch k of a round to rank k, which encodes it too, and rank 0
+    writes the round's files in index order: the folder one process would write."""
     size, rank = (group.size, group.rank) if group else (1, 0)
     remaining = sum(names[i] not in done for batch in todo for i in batch)
     kept = f"the images finished so far are in {args.outdir}/; the same command goes on from there"
@@ -214,11 +219,11 @@ def write_batches(sd, args, todo, names, done, settings, group):
             cli.progress(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
         for start in range(0, len(todo), size):
             batches = todo[start:start + size]  # the last round may leave some ranks without one
-            made = make_batch(sd, args, settings, batches[rank]) if rank < len(batches) else None
-            made = gather(group, made)  # on rank 0 each rank's (images, error), in rank order: in index order
+            made = make_batch(sd, args, settings, batches[rank], names, done) if rank < len(batches) else None
+            made = gather(group, made)  # on rank 0 each rank's (PNG files, error), in rank order: in index order
             error = None
-            for batch, (images, failed) in zip(batches, made if rank == 0 else []):
-                error = failed or write_batch(args, batch, images, names, done, settings, manifest, bar)
+            for batch, (pngs, failed) in zip(batches, made if rank == 0 else []):
+                error = failed or write_batch(args, batch, pngs, names, done, settings, manifest, bar)
                 if error:
                     break
             stop = group.any(error is not None) if group else error is not None  # all ranks stop in one round

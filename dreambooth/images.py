@@ -6,6 +6,7 @@ carrying AUTOMATIC1111's 'parameters' text chunk, so A1111's "PNG Info" tab (and
 
 Bad input raises ValueError with a message naming the file or folder.
 """
+import io
 import math
 import re
 from pathlib import Path
@@ -113,12 +114,23 @@ def a1111_parameters(prompt: str, negative_prompt: str, steps: int, scale: float
             f"Size: {width}x{height}, Model: {model}{vae_note}{eta_note}")
 
 
-def save_png(image: Image.Image, path, parameters: str | None = None) -> None:
-    """Write `image` to `path` as a PNG with an optional 'parameters' text chunk, atomically (files.write_atomic)."""
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """`image` encoded as a PNG file (zlib level 6, Pillow's default) with an optional 'parameters' text chunk: the
+    one way this package encodes a PNG, so that a file written here and one encoded elsewhere (by another process
+    under torchrun, say) are the same bytes."""
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path, parameters: str | None = None) -> None:
+    """Write `image` to `path` as a PNG with an optional 'parameters' text chunk (png_bytes), atomically
+    (files.write_atomic). An image that cannot be encoded raises before anything is written."""
+    data = png_bytes(image, parameters)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def next_index(outdir, prefix: str = "") -> int:

@@ -186,6 +186,19 @@ def disk_full_after(n, save_png):
     return save
 
 
+def pngs_fill_the_disk_after(n, write_atomic):
+    """write_atomic that writes n PNG files, then fails on the next as a full disk does (other files are written)."""
+    written = []
+
+    def write(path, contents):
+        if path.suffix == ".png":
+            if len(written) == n:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path.with_name(f".{path.name}.1.tmp")))
+            written.append(path)
+        write_atomic(path, contents)
+    return write
+
+
 def test_a_full_disk_while_sampling_is_one_line_and_keeps_the_images_before(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "save_png", disk_full_after(2, cli.save_png))
     with pytest.raises(SystemExit) as e:
@@ -199,7 +212,7 @@ def test_a_full_disk_while_sampling_is_one_line_and_keeps_the_images_before(tmp_
 def test_a_full_disk_while_making_the_prior_is_one_line_and_the_same_command_goes_on(tmp_path, monkeypatch):
     flags = ["--ckpt", "tiny", "--ddim_steps", "2", "--class", "dog", "--num", "3", "--batch-size", "1",
              "--outdir", str(tmp_path)]
-    monkeypatch.setattr(make_prior, "save_png", disk_full_after(1, make_prior.save_png))
+    monkeypatch.setattr(make_prior, "write_atomic", pngs_fill_the_disk_after(1, make_prior.write_atomic))
     with pytest.raises(SystemExit) as e:
         make_prior.main(flags)
     assert one_line(e.value, "make_prior.py").startswith(

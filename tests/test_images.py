@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, next_index,
+from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, next_index, png_bytes,
                                save_png, to_pil)
 
 
@@ -138,6 +138,25 @@ def test_save_png_writes_metadata_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["00000.png"]  # no temporary file left behind
 
 
+def test_png_bytes_are_the_file_pillow_writes_and_save_png_writes_them(tmp_path):
+    """png_bytes (encoded in memory, as each process under torchrun encodes its own images) gives the very bytes of
+    Pillow writing the PNG straight to a file; the noise makes a file of several IDAT chunks, where an in-memory
+    encoder could split the data differently."""
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    image, text = Image.fromarray(pixels), "a dog\nSteps: 5, Seed: 7"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    image.save(tmp_path / "pillow.png", format="PNG", pnginfo=info)
+    data = png_bytes(image, text)
+    assert data.count(b"IDAT") > 1 and data == (tmp_path / "pillow.png").read_bytes()
+    save_png(image, tmp_path / "ours.png", text)
+    assert (tmp_path / "ours.png").read_bytes() == data
+    with Image.open(tmp_path / "ours.png") as img:
+        assert img.text == {"parameters": text} and np.array_equal(np.asarray(img), pixels)
+    image.save(tmp_path / "plain.png", format="PNG", pnginfo=PngImagePlugin.PngInfo())
+    assert png_bytes(image) == (tmp_path / "plain.png").read_bytes()
+
+
 def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "00000.png"
     save_png(Image.new("RGB", (8, 8)), path)
@@ -178,7 +197,7 @@ def test_written_files_get_the_umask_permissions_and_no_temporary_is_left(tmp_pa
         os.umask(umask)
     assert [oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("a.png", "model.safetensors")] == ["0o644"] * 2
     before = (tmp_path / "a.png").read_bytes()
-    with pytest.raises(OSError, match="cannot write mode CMYK as PNG"):  # PIL has opened the file by then
+    with pytest.raises(OSError, match="cannot write mode CMYK as PNG"):  # the encoding fails: nothing is written
         save_png(Image.new("CMYK", (8, 8)), tmp_path / "a.png")
     assert (tmp_path / "a.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "model.safetensors"]

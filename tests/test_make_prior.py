@@ -44,15 +44,16 @@ def test_writes_images_and_manifest(reference):
 
 def test_resume_after_interruption_gives_the_same_set(reference, tmp_path, monkeypatch):
     outdir = tmp_path / "dog"
-    saved, save_png = [], make_prior.save_png
+    saved, write_atomic = [], make_prior.write_atomic
 
-    def save_then_stop(image, path, parameters):
-        if len(saved) == 3:  # Ctrl-C in the middle of the second batch: 00003.png is not written
-            raise KeyboardInterrupt
-        save_png(image, path, parameters)
-        saved.append(path)
+    def write_then_stop(path, write):
+        if path.suffix == ".png":
+            if len(saved) == 3:  # Ctrl-C in the middle of the second batch: 00003.png is not written
+                raise KeyboardInterrupt
+            saved.append(path)
+        write_atomic(path, write)
 
-    monkeypatch.setattr(make_prior, "save_png", save_then_stop)
+    monkeypatch.setattr(make_prior, "write_atomic", write_then_stop)
     with pytest.raises(SystemExit) as stopped:
         make_prior.main(FLAGS + ["--outdir", str(outdir)])
     assert stopped.value.code == 130  # interrupted, as shells expect for SIGINT
