@@ -198,12 +198,17 @@ class TrainStep:
         """Eq. 2 on the drawn batch (rows: each photo's prompt), backward, and the weight update."""
         n_instance = self.batches.subject_rows
         with self.autocast:
-            contexts = self.text_encoder(self.ids) if self.text_encoder else self.contexts
             x_t, target = add_noise(latents, noise, t, self.alphas_cumprod), noise  # DDPM eq. 4
             if self.base_unet is not None:  # --prior-loss base (set only where there are prior images)
                 x_t, t, rows, target = base_prior_targets(self.base_unet, self.contexts, x_t, t, rows, noise,
                                                           n_instance, uncond_row=len(self.ids) - 1)
-            loss, loss_instance, loss_prior = dreambooth_loss(self.unet, x_t, t, contexts[rows], target, n_instance,
+            if self.text_encoder is None:
+                contexts = self.contexts[rows]
+            elif len(self.ids) <= len(rows):  # each prompt once
+                contexts = self.text_encoder(self.ids)[rows]
+            else:  # more prompts than rows (a caption per image): only the rows' own
+                contexts = self.text_encoder(self.ids[rows])
+            loss, loss_instance, loss_prior = dreambooth_loss(self.unet, x_t, t, contexts, target, n_instance,
                                                               self.prior_weight)
         self.scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not round to 0
         if self.group is not None:  # torchrun: every rank's gradients averaged, the whole batch's, on all ranks
@@ -357,7 +362,11 @@ def preview_prompts(args, concept):
     """The prompts of a concept's row of the preview grids: the subject, edits of it, and last the class prompt, which
     should keep showing the class in general (if it turns into the subject, the class drifts). The toy model knows
     only its captions' words, so its edits are other shapes and colours, which should keep their own colour."""
-    subject, class_word = concept.subject_and_class()
+    if args.concepts:
+        subject, class_word = concept.subject_and_class()
+    else:  # the flags name them
+        subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
+        class_word = args.class_name or "circle"
     edits = ["a red square", "a blue triangle", f"a yellow {class_word}"] if args.ckpt == "toy" else \
         [f"a {subject} in the snow", f"a {subject} on the beach", f"a painting of a {subject}"]
     return [concept.instance_prompt, *edits, concept.class_prompt]

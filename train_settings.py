@@ -130,7 +130,7 @@ def parse_args(argv=None):
             p.error(f"--resume {args.resume}: no train_state.pt in it" + (
                 f" (the run stopped before its first save; start it again with --out {args.resume})" if unsaved else ""))
         state = read_train_state(args.resume)
-        p.set_defaults(**state["args"])
+        p.set_defaults(**{"captions": False} | state["args"])  # a run saved before captions trained without them
         args = p.parse_args(argv)
         args.out = args.resume
         if args.lora != state["args"].get("lora", 0):  # what train_state.pt holds: the adapters, or the model

@@ -70,8 +70,7 @@ def concept_photos(args, k, concept, subject):
     folder = concept.instance_data_dir if subject else concept.class_data_dir
     if not folder:
         return []
-    where = f"--concepts {args.concepts}: concept {k + 1}: {'instance' if subject else 'class'}_data_dir " \
-        if args.concepts else "--instance " if subject else "--prior "
+    which = f"--concepts {args.concepts}: concept {k + 1}: " if args.concepts else ""
     try:
         paths = list_images(folder)
         if not subject and len(paths) < (n := len(list_images(concept.instance_data_dir))):
@@ -79,9 +78,14 @@ def concept_photos(args, k, concept, subject):
                 f'--prompt "{concept.class_prompt}"'
             raise ValueError(f"{folder}: {len(paths)} images, fewer than the {n} subject photos; make more with: "
                              f"python make_prior.py {what} --outdir {folder}")
+    except ValueError as e:
+        flag = f"{'instance' if subject else 'class'}_data_dir" if args.concepts else \
+            "--instance" if subject else "--prior"
+        raise ValueError(f"{which}{flag} {e}") from None
+    try:
         captions = {path: caption_of(path, concept, subject) for path in paths} if args.captions else {}
     except ValueError as e:
-        raise ValueError(where + str(e)) from None
+        raise ValueError(f"{which}{e}") from None
     for path in skipped_images(folder):
         print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
     listed = {} if subject else manifest_prompts(folder)

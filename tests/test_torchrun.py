@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import train
 import train_settings
 import train_setup
+from tests.test_concepts import two_concepts
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # as the processes below, which torchrun gives one thread each
@@ -158,3 +160,22 @@ def test_the_batch_must_split_evenly(monkeypatch, capsys):
         train_settings.parse_args(["--instance", "x", "--class", "dog", "--ckpt", "tiny", "--batch-size", "3"])
     assert e.value.code == 2
     assert "--batch-size 3: with 2 processes it must be a multiple of 2" in capsys.readouterr().err
+
+
+def test_two_processes_train_concepts_and_rank_0_draws_the_previews(photos, tmp_path):
+    """A concepts run under torchrun: the first step's losses are one process's, and rank 0 draws the preview grids,
+    a row per concept."""
+    concepts = two_concepts(photos, tmp_path)
+    flags = ["--concepts", str(concepts), "--steps", "2", "--sample-every", "2", "--sample-steps", "2"]
+    outs = {}
+    for processes in (1, 2):
+        outs[processes] = tmp_path / f"run{processes}"
+        argv = [arg for arg in command(photos, outs[processes], processes=processes)
+                if arg not in ("--sample-every", "0")]
+        argv = argv[:argv.index("--instance")] + argv[argv.index("--ckpt"):] + flags
+        done = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    losses = ["loss", "loss_instance", "loss_prior"]
+    assert [logged(outs[2])[0][k] for k in losses] == pytest.approx([logged(outs[1])[0][k] for k in losses], rel=1e-5)
+    with Image.open(outs[2] / "samples" / "step-00002.png") as grid:
+        assert (grid.width, grid.height) == (5 * 64, 2 * 64)
