@@ -57,15 +57,20 @@ class Group:
         """Wait until every rank is here."""
         dist.barrier(device_ids=[self.local] if dist.get_backend() == "nccl" else None)
 
-    def broadcast(self, tensors: list[torch.Tensor]) -> None:
-        """Rank 0's values of the tensors, on every rank."""
-        for t in tensors:
-            dist.broadcast(t, src=0)
-
     @property
     def device(self) -> torch.device:
         backend = dist.get_backend()
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def processes() -> int:
+    """How many processes torchrun started (WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def writes(group: Group | None) -> bool:
+    """Whether this process writes the files: the only process, or rank 0 of a group."""
+    return group is None or group.main
 
 
 def join(device: str, program: str) -> tuple[Group | None, str]:
@@ -73,10 +78,9 @@ def join(device: str, program: str) -> tuple[Group | None, str]:
     device): the GPU of its LOCAL_RANK under --device cuda; (None, device) without torchrun or with one process.
     The other ranks' standard output goes nowhere, so that each line and progress bar shows once (their errors still
     reach standard error)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if processes() == 1:
         return None, device
-    group = Group(int(os.environ["RANK"]), size, int(os.environ["LOCAL_RANK"]))
+    group = Group(int(os.environ["RANK"]), processes(), int(os.environ["LOCAL_RANK"]))
     if device.startswith("cuda"):
         if device != "cuda":
             raise SystemExit(f"{program}: error: --device {device}: under torchrun each process takes the GPU of its "

@@ -275,9 +275,8 @@ def main(argv=None):
     resolve_defaults(args)
     concepts = run_concepts(args)
     group, device = ranks.join(args.device, "train.py")  # torchrun: this process's place and GPU; else (None, device)
-    writes = group is None or group.main  # rank 0 alone writes the run folder
-    try:
-        with claim_run_folder(args, state) if writes else contextlib.nullcontext():
+    try:  # rank 0 alone writes the run folder
+        with claim_run_folder(args, state) if ranks.writes(group) else contextlib.nullcontext():
             run(args, state, concepts, group, torch.device(device))
     finally:
         ranks.leave(group)
@@ -285,7 +284,7 @@ def main(argv=None):
 
 def run(args, state, concepts, group, device):
     """Setup, resume and the loop, in a run folder that is this run's alone."""
-    out, writes = Path(args.out), group is None or group.main
+    out = Path(args.out)
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, photos = setup.load_model_and_photos(args, concepts, device)
     cli.one_thread_for_small_models(sd, device)
@@ -301,7 +300,7 @@ def run(args, state, concepts, group, device):
           f"{args.lr:g}, {photos.n_instance} subject + {n_prior} prior images at {args.resolution} px"
           f"{f' of {len(concepts)} concepts' if len(concepts) > 1 else ''}; run folder {out}")
     log = Log(out, start, args.steps, device, state.get("log") if state else None,
-              plain_lines=not cli.interactive(), writes=writes)
+              plain_lines=not cli.interactive(), writes=ranks.writes(group))
     if state:  # its weights and moments, gigabytes with SD, are in the model and optimizer now: let them go
         state.clear()
     try:
@@ -320,7 +319,7 @@ def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
     previews: the prompts of each row of the preview grids. Under torchrun every rank runs it, and rank 0 alone
     draws the previews and writes the files."""
     out, start, group = Path(args.out), log.start, train_step.group
-    writes = group is None or group.main
+    writes = ranks.writes(group)
     seeds = [args.seed + k for k in range(len(previews[0]))]
     with cli.ctrl_c_asks_to_stop() as ctrl_c, cli.progress(total=args.steps, initial=start, unit="step") as bar, log:
         try:

@@ -9,7 +9,6 @@ cli.TOY_DEFAULTS.
 """
 import argparse
 import json
-import os
 import re
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 import cli
+import ranks
 from dreambooth.files import LOCK_NAME, FolderInUse, lock_folder
 from dreambooth.torchfile import CheckpointError, first_line, read_pickle
 
@@ -146,7 +146,7 @@ def parse_args(argv=None):
         p.error("--instance DIR (or --concepts FILE) is required")
     elif not args.class_name and not (args.instance_prompt and args.prior_prompt):
         p.error("--class NAME is required unless both --instance-prompt and --prior-prompt are given")
-    size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes (ranks.py)
+    size = ranks.processes()
     if args.batch_size % size:
         p.error(f"--batch-size {args.batch_size}: with {size} processes it must be a multiple of {size}, so that "
                 "each takes an equal share of every batch")

@@ -51,7 +51,9 @@ def load_model_and_photos(args, concepts, device):
               "preservation; the class may drift to the subject")
     try:
         subject = [photo for k, c in enumerate(concepts) for photo in concept_photos(args, k, c, subject=True)]
-        prior = [photo for k, c in enumerate(concepts) for photo in concept_photos(args, k, c, subject=False)]
+        counts = [sum(concept == k for *_, concept in subject) for k in range(len(concepts))]
+        prior = [photo for k, c in enumerate(concepts)
+                 for photo in concept_photos(args, k, c, subject=False, at_least=counts[k])]
         sd = dreambooth.load(args.ckpt, device=device, dtype=torch.float32, ema=args.ema)  # fp32 master weights
         args.resolution = args.resolution or sd.resolution
         args.sample_steps = args.sample_steps or sd.sampling.get("ddim_steps", cli.SD_DDIM_STEPS)
@@ -64,20 +66,21 @@ def load_model_and_photos(args, concepts, device):
     return sd, images, Photos(list(prompts), list(concept_of), len(subject))
 
 
-def concept_photos(args, k, concept, subject):
-    """[(path, prompt, k)] of concept k's subject photos or class images. An image's prompt is its caption (with
-    --captions, caption_of), else the one make_prior.py's manifest lists for it, else its folder's prompt."""
+def concept_photos(args, k, concept, subject, at_least=0):
+    """[(path, prompt, k)] of concept k's subject photos or class images (at_least of them: one class image for each
+    subject photo). An image's prompt is its caption (with --captions, caption_of), else the one make_prior.py's
+    manifest lists for it, else its folder's prompt."""
     folder = concept.instance_data_dir if subject else concept.class_data_dir
     if not folder:
         return []
     which = f"--concepts {args.concepts}: concept {k + 1}: " if args.concepts else ""
     try:
         paths = list_images(folder)
-        if not subject and len(paths) < (n := len(list_images(concept.instance_data_dir))):
+        if len(paths) < at_least:
             what = f"--class {args.class_name}" if args.class_name and not args.concepts else \
                 f'--prompt "{concept.class_prompt}"'
-            raise ValueError(f"{folder}: {len(paths)} images, fewer than the {n} subject photos; make more with: "
-                             f"python make_prior.py {what} --outdir {folder}")
+            raise ValueError(f"{folder}: {len(paths)} images, fewer than the {at_least} subject photos; make more "
+                             f"with: python make_prior.py {what} --outdir {folder}")
     except ValueError as e:
         flag = f"{'instance' if subject else 'class'}_data_dir" if args.concepts else \
             "--instance" if subject else "--prior"
