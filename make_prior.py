@@ -27,14 +27,12 @@ silently teach the model that black squares are dogs.
 """
 import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
 import contextlib
-import json
-import os
 from pathlib import Path
 
-import torch.distributed as dist
 from PIL import Image
 
 import cli
+import manifest
 import ranks
 from dreambooth.files import write_atomic
 from dreambooth.generate import generate
@@ -85,26 +83,15 @@ def prompt_of(prompts: list[str], i: int) -> str:
 
 def read_manifest(outdir: Path, settings: dict, prompts: list[str]) -> set[str]:
     """The files of outdir that manifest.jsonl records as finished (and that exist), after checking that every
-    record was made with `settings` and its image's prompt. A last line cut short by an interruption is dropped."""
-    manifest = outdir / "manifest.jsonl"
-    if not manifest.exists():
-        return set()
-    try:
-        text = manifest.read_bytes().decode()
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"make_prior.py: error: {manifest} is not a manifest (not text: {e})") from None
-    lines = text.splitlines()
-    if text and not text.endswith("\n"):  # the run stopped while appending this line
-        lines.pop()
-        write_atomic(manifest, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines)))
+    record was made with `settings` and its image's prompt."""
     done, keys = set(), {*settings, "prompt", "vae", "lora"}  # vae, lora: recorded only when --vae, --lora were given
-    for n, line in enumerate(lines, start=1):
+    for n, record in enumerate(manifest.read(outdir, "make_prior.py", repair=True), start=1):
         try:
-            record = json.loads(line)
             index = int(Path(record["file"]).stem)
             recorded = {key: record.get(key) for key in keys} | {"seed": record["seed"] - index}
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"make_prior.py: error: {manifest} line {n} is not a manifest record ({e})") from None
+            raise SystemExit(f"make_prior.py: error: {outdir / manifest.NAME} line {n} is not make_prior.py's "
+                             f"manifest ({e!r})") from None
         for key in keys:
             value = prompt_of(prompts, index) if key == "prompt" else settings.get(key)
             if recorded[key] != value:
@@ -132,26 +119,8 @@ def check_unlisted(args, settings, paths):
         except (OSError, ValueError, SyntaxError):
             ours = False
         if not ours:
-            raise SystemExit(f"make_prior.py: error: {path} is not in {args.outdir / 'manifest.jsonl'} nor an image "
+            raise SystemExit(f"make_prior.py: error: {path} is not in {args.outdir / manifest.NAME} nor an image "
                              "this command makes; move it away or choose another --outdir")
-
-
-def on_rank_0(group, work):
-    """work() done by rank 0 alone (the folder is rank 0's), its result given to every rank; without a group, just
-    work(). Where it stops rank 0 with an error, every rank stops here too, and the message shows once."""
-    if group is None:
-        return work()
-    outcome = [None]
-    if group.main:
-        try:
-            outcome = [(work(), None)]
-        except SystemExit as e:
-            outcome = [(None, e.code)]
-    dist.broadcast_object_list(outcome, src=0)
-    result, error = outcome[0]
-    if error is not None:
-        raise SystemExit(error if group.main else 1)
-    return result
 
 
 def plan(args, settings, names, batches):
@@ -179,16 +148,7 @@ def make_batch(sd, args, settings, batch, names, done):
             for i, image in zip(batch, images)], None
 
 
-def gather(group, made):
-    """Every rank's `made` on rank 0, in rank order (None on the other ranks); without a group, [made]."""
-    if group is None:
-        return [made]
-    everyone = [None] * group.size if group.main else None
-    dist.gather_object(made, everyone, dst=0)
-    return everyone
-
-
-def write_batch(args, batch, pngs, names, done, settings, manifest, bar):
+def write_batch(args, batch, pngs, names, done, settings, manifest_file, bar):
     """Write a batch's PNG files that are not finished yet, each with its manifest line; None, or why a write
     failed."""
     for i, png in zip(batch, pngs):
@@ -198,10 +158,8 @@ def write_batch(args, batch, pngs, names, done, settings, manifest, bar):
         target = args.outdir / names[i]
         try:  # a full disk, say: one line naming the file
             write_atomic(target, lambda tmp: tmp.write_bytes(png))
-            target = Path(manifest.name)
-            manifest.write(json.dumps(record) + "\n")
-            manifest.flush()
-            os.fsync(manifest.fileno())
+            target = Path(manifest_file.name)
+            manifest.append(manifest_file, record)
         except OSError as e:
             return f"writing {target} failed ({e.strerror or e})"
         bar.update(1)
@@ -215,15 +173,15 @@ def write_batches(sd, args, todo, names, done, settings, group):
     size, rank = (group.size, group.rank) if group else (1, 0)
     remaining = sum(names[i] not in done for batch in todo for i in batch)
     kept = f"the images finished so far are in {args.outdir}/; the same command goes on from there"
-    with (open(args.outdir / "manifest.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as manifest, \
+    with (open(args.outdir / manifest.NAME, "a") if rank == 0 else contextlib.nullcontext()) as manifest_file, \
             cli.progress(total=args.num, initial=args.num - remaining, desc="prior", unit="image") as bar:
         for start in range(0, len(todo), size):
             batches = todo[start:start + size]  # the last round may leave some ranks without one
             made = make_batch(sd, args, settings, batches[rank], names, done) if rank < len(batches) else None
-            made = gather(group, made)  # on rank 0 each rank's (PNG files, error), in rank order: in index order
+            made = ranks.gather(group, made)  # on rank 0 each rank's (PNG files, error), in rank order: in index order
             error = None
             for batch, (pngs, failed) in zip(batches, made if rank == 0 else []):
-                error = failed or write_batch(args, batch, pngs, names, done, settings, manifest, bar)
+                error = failed or write_batch(args, batch, pngs, names, done, settings, manifest_file, bar)
                 if error:
                     break
             stop = group.any(error is not None) if group else error is not None  # all ranks stop in one round
@@ -242,7 +200,7 @@ def main(argv=None):
 
 def make(args, group):
     """The folder of class images, on the device of this process."""
-    on_rank_0(group, lambda: cli.check_outdir("make_prior.py", "--outdir", args.outdir))
+    ranks.on_main(group, lambda: cli.check_outdir("make_prior.py", "--outdir", args.outdir))
     sd = cli.load_model(args, "make_prior.py")
     cli.sampling_defaults(args, sd, scale=SCALE)
     height, width = args.H or sd.resolution, args.W or sd.resolution
@@ -258,7 +216,7 @@ def make(args, group):
         settings["lora"] = [[Path(path).name, scale] for path, scale in args.lora]
     names = [f"{i:05d}.png" for i in range(args.num)]
     batches = [range(start, min(start + args.batch_size, args.num)) for start in range(0, args.num, args.batch_size)]
-    todo, done = on_rank_0(group, lambda: plan(args, settings, names, batches))
+    todo, done = ranks.on_main(group, lambda: plan(args, settings, names, batches))
 
     # Generate batch by batch; an image counts as finished once its manifest line is written.
     try:

@@ -73,6 +73,34 @@ def writes(group: Group | None) -> bool:
     return group is None or group.main
 
 
+def on_main(group: Group | None, work):
+    """work() done by rank 0 alone (work on the files, which are rank 0's), its result given to every rank; without a
+    group, just work(). Where it stops rank 0 with an error, every rank stops here too, and the message shows once."""
+    if group is None:
+        return work()
+    outcome = [None]
+    if group.main:
+        try:
+            outcome = [(work(), None)]
+        except SystemExit as e:
+            outcome = [(None, e.code)]
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise SystemExit(error if group.main else 1)
+    return result
+
+
+def gather(group: Group | None, value):
+    """Every rank's `value` (any object pickle takes) on rank 0, in rank order, None on the other ranks; without a
+    group, [value]."""
+    if group is None:
+        return [value]
+    everyone = [None] * group.size if group.main else None
+    dist.gather_object(value, everyone, dst=0)
+    return everyone
+
+
 def join(device: str, program: str) -> tuple[Group | None, str]:
     """Join torchrun's group, if this process was started as one of several. Returns (the group, this process's
     device): the GPU of its LOCAL_RANK under --device cuda; (None, device) without torchrun or with one process.

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import cli
+import manifest
 import ranks
 from dreambooth.files import LOCK_NAME, FolderInUse, lock_folder
 from dreambooth.torchfile import CheckpointError, first_line, read_pickle
@@ -168,7 +169,7 @@ def resolve_defaults(args):
         return
     args.instance_prompt = args.instance_prompt or cli.prompt_for(args.ckpt, f"{args.token} {args.class_name}")
     if not args.prior_prompt:
-        listed = next(iter(manifest_prompts(args.prior).values()), None)
+        listed = next(iter(manifest.prompts(args.prior).values()), None)
         args.prior_prompt = listed or cli.prompt_for(args.ckpt, args.class_name)
 
 
@@ -231,29 +232,6 @@ def read_train_state(folder):
         raise SystemExit(f"train.py: error: --resume {folder}: {path} is not a train state that train.py wrote "
                          f"(no {wrong})")
     return state
-
-
-def manifest_prompts(folder):
-    """{file name: prompt} of the images a prior folder's manifest.jsonl lists (make_prior.py writes one line per
-    image), in its order; {} without a folder or a manifest."""
-    manifest = Path(folder or "", "manifest.jsonl")
-    if not (folder and manifest.is_file()):
-        return {}
-    try:
-        lines = manifest.read_bytes().decode().splitlines()
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"train.py: error: {manifest} is not make_prior.py's manifest (not text: {e})") from None
-    prompts = {}
-    for n, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-            file, prompt = record["file"], record["prompt"]
-            if not (isinstance(file, str) and isinstance(prompt, str)):
-                raise TypeError(f"file {file!r} and prompt {prompt!r} are not both strings")
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"train.py: error: {manifest} line {n} is not make_prior.py's manifest ({e!r})") from None
-        prompts[file] = prompt
-    return prompts
 
 
 @dataclass

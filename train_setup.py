@@ -16,12 +16,13 @@ from safetensors import SafetensorError
 
 import cli
 import dreambooth
+import manifest
 from dreambooth import speed
 from dreambooth.files import replace_all, why_write_failed, write_atomic
 from dreambooth.images import list_images, load_images, skipped_images
 from dreambooth.lora import LoRA, base_dtype as lora_base_dtype, kohya_metadata, save_lora
 from dreambooth.torchfile import first_line
-from train_settings import manifest_prompts, words
+from train_settings import words
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
 
@@ -91,7 +92,7 @@ def concept_photos(args, k, concept, subject, at_least=0):
         raise ValueError(f"{which}{e}") from None
     for path in skipped_images(folder):
         print(f"note: {path}: skipped; photos are read as JPEG, PNG, WebP or BMP only")
-    listed = {} if subject else manifest_prompts(folder)
+    listed = {} if subject else manifest.prompts(folder)
     folder_prompt = concept.instance_prompt if subject else concept.class_prompt
     return [(path, captions.get(path) or listed.get(path.name, folder_prompt), k) for path in paths]
 

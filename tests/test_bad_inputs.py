@@ -245,7 +245,7 @@ def test_bad_manifest_and_prompt_files_are_one_line(photos, tmp_path, capsys):
     (outdir / "manifest.jsonl").write_bytes(NOT_TEXT)
     with pytest.raises(SystemExit) as e:
         make_prior.main(["--ckpt", "tiny", "--class", "dog", "--num", "1", "--outdir", str(outdir)])
-    assert "manifest.jsonl is not a manifest (not text" in one_line(e.value, "make_prior.py")
+    assert "manifest.jsonl is not make_prior.py's manifest (not text" in one_line(e.value, "make_prior.py")
     assert (outdir / "manifest.jsonl").read_bytes() == NOT_TEXT
 
     (tmp_path / "prompts.txt").write_bytes(NOT_TEXT)
