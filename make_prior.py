@@ -9,18 +9,15 @@ class ("photo of a dog"), so that "dog" keeps meaning dogs in general. This writ
 settings of the original DreamBooth regularisation sets: guidance scale 10, 50 DDIM steps, eta 0.
 
 Image i is always made from seed --seed + i and the (i mod n)-th of the n prompts, and named f"{i:05d}.png"; each
-finished image gets a line in manifest.jsonl (file, prompt, seed, steps, scale, eta, checkpoint, height, width;
-train.py trains each image with its prompt). So an interrupted run continues where it stopped when started again,
-and the result is the same as an uninterrupted run: images are made in fixed batches (i // --batch-size), and a
-batch with any image missing is made again in full, so every image is computed alongside the same neighbours. A
-folder made with other settings is refused rather than mixed.
+finished image gets a line in manifest.jsonl (manifest.py; train.py trains each image with its prompt). So an
+interrupted run continues where it stopped when started again, and the result is the same as an uninterrupted run:
+images are made in fixed batches (i // --batch-size), and a batch with any image missing is made again in full, so
+every image is computed alongside the same neighbours. A folder made with other settings is refused rather than mixed.
 
-Under torchrun (ranks.py) the processes share the work: the batches still to do are dealt out in rounds, one batch
-to each process, which makes its images and encodes them as PNG files (at 512 px the encoding takes about a quarter
-of the time a fast GPU takes to make the image: too long for rank 0 to do for every process). Each round's files go
-to rank 0 as bytes, and rank 0 alone reads and writes the folder, file by file in index order. So the folder is the
-one a single process writes (on the same hardware, the same bytes), and an interrupted run continues with any number
-of processes.
+Under torchrun (ranks.py) the batches still to do are dealt out in rounds, one to each process, which makes its
+images and encodes them as PNG files (at 512 px encoding takes about a quarter of the time a fast GPU takes to make
+an image: too long for one process to do for all). Rank 0 alone writes the folder, file by file in index order: the
+folder one process writes, and an interrupted run continues with any number of processes.
 
 There is no safety checker: a checker blacks out the images it flags, and black images in the prior would
 silently teach the model that black squares are dogs.

@@ -32,8 +32,6 @@ import ranks
 import train_setup as setup
 from dreambooth import speed
 from dreambooth.ddim import add_noise
-from dreambooth.generate import generate
-from dreambooth.images import a1111_parameters, image_grid, save_png
 from dreambooth.runlog import Log, Stopped
 from dreambooth.vae import sample_latent
 from train_settings import claim_run_folder, parse_args, resolve_defaults, run_concepts
@@ -303,8 +301,9 @@ def run(args, state, concepts, group, device):
               plain_lines=not cli.interactive(), writes=ranks.writes(group))
     if state:  # its weights and moments, gigabytes with SD, are in the model and optimizer now: let them go
         state.clear()
+    previews = [setup.preview_prompts(args, concept) for concept in concepts]  # a row of the grids per concept
     try:
-        train(args, sd, preview_sd, train_step, trained, generator, log, [preview_prompts(args, c) for c in concepts])
+        train(args, sd, preview_sd, train_step, trained, generator, log, previews)
     except Stopped as e:
         raise SystemExit(f"train.py: error: {e}") from None
 
@@ -333,7 +332,7 @@ def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
                 if writes and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                     with log.peak_not_counted():
                         try:
-                            preview(preview_sd, previews, seeds, args, out / "samples" / f"step-{step:05d}.png")
+                            setup.preview(preview_sd, previews, seeds, args, out / "samples" / f"step-{step:05d}.png")
                         except ValueError as e:  # generate's non-finite latents: the weights have diverged
                             raise log.stop(f"the preview after step {step} failed: {e}", diverged=True) from None
                 if (args.save_every and step % args.save_every == 0) or step == args.steps or stop:
@@ -355,44 +354,6 @@ def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
     print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "
           f"sample.py {model} --prompt \"{previews[0][0] if args.ckpt == 'toy' else previews[0][1]}\")")
     print(f"log: {out / 'log.jsonl'}, previews: {out / 'samples'}, train state for --resume: {out / 'train_state.pt'}")
-
-
-def preview_prompts(args, concept):
-    """The prompts of a concept's row of the preview grids: the subject, edits of it, and last the class prompt, which
-    should keep showing the class in general (if it turns into the subject, the class drifts). The toy model knows
-    only its captions' words, so its edits are other shapes and colours, which should keep their own colour."""
-    if args.concepts:
-        subject, class_word = concept.subject_and_class()
-    else:  # the flags name them
-        subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
-        class_word = args.class_name or "circle"
-    edits = ["a red square", "a blue triangle", f"a yellow {class_word}"] if args.ckpt == "toy" else \
-        [f"a {subject} in the snow", f"a {subject} on the beach", f"a painting of a {subject}"]
-    return [concept.instance_prompt, *edits, concept.class_prompt]
-
-
-@torch.no_grad()
-def preview(sd, rows, seeds, args, path):
-    """A grid of images, a row of prompts per concept, each row from the same fixed seeds, drawn as sample.py draws
-    them (the model's guidance scale: SD's 7.5, the toy's from its file), and labelled as A1111 labels a grid: by its
-    first image."""
-    sd.text_encoder.to(sd.device)
-    sd.vae.to(sd.device)
-    sd.unet.eval()
-    scale = sd.sampling.get("scale", 7.5)
-    with setup.autocast(args):  # a row at a time: the memory of one row, whatever the number of concepts
-        images = [image for row in rows for image in generate(sd, row, seeds, steps=args.sample_steps, scale=scale,
-                                                               height=args.resolution, width=args.resolution,
-                                                               progress=False)]
-    sd.unet.train()
-    if not (args.no_cache and not args.vae):  # --no-cache encodes with the model's own VAE at every step
-        sd.vae.to("cpu")
-    if not args.train_text_encoder:
-        sd.text_encoder.to("cpu")
-    path.parent.mkdir(exist_ok=True)
-    parameters = a1111_parameters(rows[0][0], "", args.sample_steps, scale, seeds[0], args.resolution, args.resolution,
-                                  Path(args.out).name, vae=args.vae and Path(args.vae).name)
-    save_png(image_grid(images, cols=len(seeds)), path, parameters)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""What train.py's main() and make_step call to set up a run, and to save and resume it, each a small function: the
-model and the photos, what trains (the UNet and CLIP, or LoRA adapters), the prompts' contexts, the frozen base of
---prior-loss base, the optimizer (stepped inside backward where that pays) with gradient checkpointing and the CUDA
-graph decided, and the run folder's files. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI,
+"""What train.py calls to set up a run, to save and resume it, and to draw its preview grids, each a small function:
+the model and the photos, what trains (the UNet and CLIP, or LoRA adapters), the prompts' contexts, the frozen base
+of --prior-loss base, the optimizer (stepped inside backward where that pays) with gradient checkpointing and the
+CUDA graph decided, the run folder's files, and the grids of the loop's previews. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI,
 diffusers); train_state.pt holds everything else needed to continue exactly: the fp32 weights being trained
 (continuing from the fp16 copy would round them), the optimizer states, the step, the data generator's state and
 the settings.
@@ -19,7 +19,9 @@ import dreambooth
 import manifest
 from dreambooth import speed
 from dreambooth.files import replace_all, why_write_failed, write_atomic
-from dreambooth.images import list_images, load_images, skipped_images
+from dreambooth.generate import generate
+from dreambooth.images import (a1111_parameters, image_grid, list_images, load_images, save_png,
+                               skipped_images)
 from dreambooth.lora import LoRA, base_dtype as lora_base_dtype, kohya_metadata, save_lora
 from dreambooth.torchfile import first_line
 from train_settings import words
@@ -310,3 +312,41 @@ def save(out, sd, trained, train_step, step, args, generator, log):
         need = 2 * params + 12 * trained_params  # the fp16 model; the fp32 trained weights and their two moments
         raise log.stop(f"saving step {step} failed: {why_write_failed(e, out, need)}") from None
     log.saved_step = step
+
+
+def preview_prompts(args, concept):
+    """The prompts of a concept's row of the preview grids: the subject, edits of it, and last the class prompt, which
+    should keep showing the class in general (if it turns into the subject, the class drifts). The toy model knows
+    only its captions' words, so its edits are other shapes and colours, which should keep their own colour."""
+    if args.concepts:
+        subject, class_word = concept.subject_and_class()
+    else:  # the flags name them
+        subject = f"{args.token} {args.class_name}" if args.class_name else args.instance_prompt
+        class_word = args.class_name or "circle"
+    edits = ["a red square", "a blue triangle", f"a yellow {class_word}"] if args.ckpt == "toy" else \
+        [f"a {subject} in the snow", f"a {subject} on the beach", f"a painting of a {subject}"]
+    return [concept.instance_prompt, *edits, concept.class_prompt]
+
+
+@torch.no_grad()
+def preview(sd, rows, seeds, args, path):
+    """A grid of images, a row of prompts per concept, each row from the same fixed seeds, drawn as sample.py draws
+    them (the model's guidance scale: SD's 7.5, the toy's from its file), and labelled as A1111 labels a grid: by its
+    first image."""
+    sd.text_encoder.to(sd.device)
+    sd.vae.to(sd.device)
+    sd.unet.eval()
+    scale = sd.sampling.get("scale", 7.5)
+    with autocast(args):  # a row at a time: the memory of one row, whatever the number of concepts
+        images = [image for row in rows for image in generate(sd, row, seeds, steps=args.sample_steps, scale=scale,
+                                                               height=args.resolution, width=args.resolution,
+                                                               progress=False)]
+    sd.unet.train()
+    if not (args.no_cache and not args.vae):  # --no-cache encodes with the model's own VAE at every step
+        sd.vae.to("cpu")
+    if not args.train_text_encoder:
+        sd.text_encoder.to("cpu")
+    path.parent.mkdir(exist_ok=True)
+    parameters = a1111_parameters(rows[0][0], "", args.sample_steps, scale, seeds[0], args.resolution, args.resolution,
+                                  Path(args.out).name, vae=args.vae and Path(args.vae).name)
+    save_png(image_grid(images, cols=len(seeds)), path, parameters)

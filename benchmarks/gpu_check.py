@@ -146,7 +146,7 @@ def identity(checks):
     """Pointers after the first preview (step 3, before the recording at step 4), each later preview and each save."""
     marks = []
     holder = {}
-    real_preview, real_save = train.preview, train_setup.save
+    real_preview, real_save = train_setup.preview, train_setup.save
 
     def preview(*args):
         real_preview(*args)
@@ -162,7 +162,7 @@ def identity(checks):
         return made
 
     real_make_step = train.make_step
-    patches = [mock.patch.object(train, "preview", preview), mock.patch.object(train_setup, "save", save),
+    patches = [mock.patch.object(train_setup, "preview", preview), mock.patch.object(train_setup, "save", save),
                mock.patch.object(train, "make_step", make_step)]
     checks.train("toy", "--sample-every", "3", "--sample-steps", "4", "--save-every", "4", "--steps", "8",
                  keep_saves=True, patches=patches)

@@ -523,7 +523,7 @@ def test_toy_previews_say_how_they_were_drawn_and_ask_what_the_toy_knows(photos,
     for ckpt in ("toy", "tiny"):
         args, _ = train_settings.parse_args(["--instance", "x", "--class", "circle", "--ckpt", ckpt])
         train_settings.resolve_defaults(args)
-        prompts[ckpt] = train.preview_prompts(args, train_settings.run_concepts(args)[0])
+        prompts[ckpt] = train_setup.preview_prompts(args, train_settings.run_concepts(args)[0])
     known = {"a", "sks", *toyworld.SHAPES, *toyworld.COLOURS}
     assert all(set(prompt.split()) <= known for prompt in prompts["toy"]), prompts["toy"]
     assert prompts["tiny"][1] == "a sks circle in the snow"  # SD's edits
