@@ -94,7 +94,7 @@ def what_it_is(path: Path) -> str | None:
 
 
 def first_line(error: Exception) -> str:
-    return (str(error).strip().split("\n") or [""])[0] or type(error).__name__
+    return str(error).strip().split("\n")[0] or type(error).__name__
 
 
 class _LightningName:
