@@ -82,19 +82,19 @@ def what_it_is(path: Path) -> str | None:
     if what or b"\0" in head:
         return what
     try:
-        text = head.decode()
+        text = head.decode().strip()
     except UnicodeDecodeError as e:  # text cut inside a character at byte 512 is still text
         if e.start < len(head) - 3:
             return None
-        text = head[:e.start].decode()
-    if text.lstrip().lower().startswith(("<!doctype html", "<html")):
+        text = head[:e.start].decode().strip()
+    if text.lower().startswith(("<!doctype html", "<html")):
         return "is an HTML page (a download that failed?), not a checkpoint"
-    return f"is a text file, not a checkpoint (it begins {text.strip().splitlines()[0][:40]!r})" if text.strip() \
+    return f"is a text file, not a checkpoint (it begins {text.splitlines()[0][:40]!r})" if text \
         else "holds only white space"
 
 
 def first_line(error: Exception) -> str:
-    return (str(error).strip().split("\n") or [""])[0] or type(error).__name__
+    return str(error).strip().split("\n")[0] or type(error).__name__
 
 
 class _LightningName:

@@ -27,7 +27,6 @@ EXTRA_SHAPES = ("ring", "cross", "bar")
 SUBJECT = {"shape": "ring", "colour": (230, 50, 180), "colour_name": "pink", "class": "circle"}
 
 
-
 # ---- drawing ------------------------------------------------------------------------------------------------------
 
 def light_background(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -70,13 +69,13 @@ def random_place(rng: np.random.Generator, low: int = 20, high: int = 44) -> tup
     return (float(rng.uniform(margin, SIZE - margin)), float(rng.uniform(margin, SIZE - margin))), width
 
 
-def draw(rng: np.random.Generator, shape: str, colour, background=None, centre=None, width=None) -> Image.Image:
+def draw(rng: np.random.Generator, shape: str, colour, centre=None, width=None) -> Image.Image:
     """One shape on a light background, a 64 x 64 RGB image.
 
-    colour is a name of COLOURS (slightly jittered) or an (r, g, b) tuple (used as is); background, centre and
-    width are drawn at random where not given."""
+    colour is a name of COLOURS (slightly jittered) or an (r, g, b) tuple (used as is); centre and width are drawn
+    at random where not given."""
     rgb = jitter(rng, COLOURS[colour]) if isinstance(colour, str) else tuple(colour)
-    background = background or light_background(rng)
+    background = light_background(rng)
     if centre is None or width is None:
         centre, width = random_place(rng)
     canvas = Image.new("RGB", (SIZE * SUPERSAMPLE,) * 2, background)
