@@ -348,7 +348,7 @@ def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
                     raise SystemExit(130)
         except OSError as e:  # writing the log or a preview: a full disk, say
             raise log.stop(f"writing in {out} failed at step {step} ({e.strerror or e})") from None
-    log.summary(args.steps - start)
+    log.summary()
     model = f"--ckpt {args.ckpt} --lora {out / 'lora.safetensors'}" if args.lora else \
         f"--ckpt {out / 'model.safetensors'}"
     print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "

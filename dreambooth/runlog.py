@@ -98,8 +98,9 @@ class Log:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def summary(self, steps):
-        seconds = time.time() - self.t0
+    def summary(self):
+        """The run's closing line: the steps this process trained, their rate and the peak GPU memory."""
+        steps, seconds = self.steps - self.start, time.time() - self.t0
         self._note_peak()
         memory = f", peak GPU memory {self.peak:.1f} GiB in the steps (previews not counted)" \
             if self.device.type == "cuda" else ""
