@@ -291,18 +291,32 @@ def first_rank():
 
 
 @contextlib.contextmanager
-def ctrl_c_asks_to_stop():
-    """Inside, Ctrl-C does not interrupt: it appends to the list this yields, so a loop can finish its step, save and
-    stop. A second Ctrl-C interrupts at once."""
+def stop_requests():
+    """Inside, Ctrl-C (SIGINT) and SIGTERM (`kill`, Slurm at its time limit; torchrun passes both on) do not end the
+    process: each appends its signal number to the list this yields, so that a loop can finish its step, save and
+    stop. A second one ends it at once (Ctrl-C with one line and exit status 130)."""
     asked = []
 
-    def on_ctrl_c(signum, frame):
+    def on_signal(signum, frame):
         asked.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous = [signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)]
     try:
         yield asked
+    finally:
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """Inside, Ctrl-C raises KeyboardInterrupt, Python's own way, where startup.py's handler would end the process at
+    once: for work that has something to finish when interrupted (the caller catches it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -217,7 +217,8 @@ def make(args, group):
 
     # Generate batch by batch; an image counts as finished once its manifest line is written.
     try:
-        write_batches(sd, args, todo, names, done, settings, group)
+        with cli.interrupts_raise():
+            write_batches(sd, args, todo, names, done, settings, group)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the images finished so far are in {args.outdir}/; the same command goes on from there")
         raise SystemExit(130) from None

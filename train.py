@@ -21,6 +21,7 @@ resuming and the preview grids in train_setup.py; the two wrappers that make the
 """
 import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
 import contextlib
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,19 +315,19 @@ def lr_at(step, args):
 
 
 def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
-    """The loop: one step, then logging, previews and saves when they are due. Ctrl-C stops it after the step, saved.
-    previews: the prompts of each row of the preview grids. Under torchrun every rank runs it, and rank 0 alone
-    draws the previews and writes the files."""
+    """The loop: one step, then logging, previews and saves when they are due. Ctrl-C or SIGTERM stops it after the
+    step, saved. previews: the prompts of each row of the preview grids. Under torchrun every rank runs it, and rank
+    0 alone draws the previews and writes the files."""
     out, start, group = Path(args.out), log.start, train_step.group
     writes = ranks.writes(group)
     seeds = [args.seed + k for k in range(len(previews[0]))]
-    with cli.ctrl_c_asks_to_stop() as ctrl_c, cli.progress(total=args.steps, initial=start, unit="step") as bar, log:
+    with cli.stop_requests() as stop_asked, cli.progress(total=args.steps, initial=start, unit="step") as bar, log:
         try:
             for step in range(start + 1, args.steps + 1):
                 train_step.lr.fill_(lr_at(step, args))  # one write on the device, which a replayed graph reads too
                 log.pending.append(train_step(generator))
                 bar.update()
-                stop = bool(ctrl_c) if group is None else group.any(bool(ctrl_c))  # all ranks stop at one step
+                stop = bool(stop_asked) if group is None else group.any(bool(stop_asked))  # all ranks stop at one step
                 if step % args.log_every == 0 or step == args.steps:
                     bar.set_postfix(loss=f"{log.write(step, lr_at(step, args)):.4f}")
                 if writes and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
@@ -343,9 +344,10 @@ def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
                         setup.save(out, sd, trained, train_step, step, args, generator, log)
                     if group is not None:  # the others wait for the save: none ends the group while rank 0 writes
                         group.barrier()
-                if stop:
-                    print(f"\ninterrupted: saved step {step} in {out}; continue with: python train.py --resume {out}")
-                    raise SystemExit(130)
+                if stop:  # exit status 130 for Ctrl-C, 143 for SIGTERM, as shells report them
+                    again = "torchrun <its options> train.py" if group else "python train.py"
+                    print(f"\ninterrupted: saved step {step} in {out}; continue with: {again} --resume {out}")
+                    raise SystemExit(143 if signal.SIGTERM in stop_asked else 130)
         except OSError as e:  # writing the log or a preview: a full disk, say
             raise log.stop(f"writing in {out} failed at step {step} ({e.strerror or e})") from None
     log.summary()

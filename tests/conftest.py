@@ -11,6 +11,7 @@ on sd-v1-4 files) followed by strict loads into diffusers' UNet2DConditionModel 
 CLIPTextModel: no key table of ours is involved.
 """
 import json
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +27,10 @@ from dreambooth.unet import UNetConfig, UNetModel
 from dreambooth.vae import AutoencoderKL, VAEConfig
 from tests.references import (compvis_schedule, parity_inputs, random_model, reference_clip, reference_unet,
                               reference_vae, write_lightning_ckpt)
+
+# Importing the programs imported startup.py, whose Ctrl-C handler ends a program at once: pytest keeps Python's, so
+# that Ctrl-C stops a test run with its summary.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Tests too slow for the quick subset (`python -m pytest -m quick`, about 80 s on 2 cores): besides those that

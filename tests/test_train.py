@@ -317,8 +317,10 @@ def test_text_encoder_training_in_bf16(photos, tmp_path):
     assert not torch.equal(trained["encoder.layers.0.mlp.fc1.weight"], start["encoder.layers.0.mlp.fc1.weight"])
 
 
-def test_ctrl_c_saves_the_step_and_exits(photos, tmp_path):
-    """Ctrl-C in the middle of a long run: the step in progress finishes, is saved, and the --resume command shown."""
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_saves_the_step_and_exits(photos, tmp_path, signum, status):
+    """Ctrl-C (or SIGTERM: kill, Slurm's time limit) in the middle of a long run: the step in progress finishes, is
+    saved, and the --resume command shown; the exit status is the one shells give the signal (128 + its number)."""
     out = tmp_path / "run"
     command = [sys.executable, "train.py", "--instance", str(photos / "instance"), "--prior", str(photos / "prior"),
                "--class", "dog", "--ckpt", "tiny", "--steps", "100000", "--log-every", "1", "--save-every", "0",
@@ -330,9 +332,9 @@ def test_ctrl_c_saves_the_step_and_exits(photos, tmp_path):
     while not (log.exists() and len(log.read_text().splitlines()) >= 3) and process.poll() is None:
         assert time.monotonic() < deadline, "train.py logged no step in 300 s"
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-3000:]  # interrupted, as shells expect for SIGINT
+    assert process.returncode == status, stderr[-3000:]
     saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
     assert 3 <= saved < 100000 and json.loads(log.read_text().splitlines()[-1])["step"] == saved
     assert f"saved step {saved}" in stdout and "--resume" in stdout
