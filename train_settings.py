@@ -8,6 +8,7 @@ cli.TOY_DEFAULTS.
     with claim_run_folder(args, state):     # --out / --resume is this process's alone until the run ends
 """
 import argparse
+import contextlib
 import json
 import re
 from dataclasses import dataclass, fields
@@ -127,9 +128,7 @@ def parse_args(argv=None):
         args = cli.with_toy_defaults(p, args, argv, "train.py")
     if args.resume:
         if not (Path(args.resume) / "train_state.pt").is_file():
-            unsaved = (Path(args.resume) / "log.jsonl").is_file()
-            p.error(f"--resume {args.resume}: no train_state.pt in it" + (
-                f" (the run stopped before its first save; start it again with --out {args.resume})" if unsaved else ""))
+            p.error(f"--resume {args.resume}: {why_no_train_state(Path(args.resume))}")
         state = read_train_state(args.resume)
         p.set_defaults(**{"captions": False} | state["args"])  # a run saved before captions trained without them
         args = p.parse_args(argv)
@@ -177,13 +176,16 @@ def resolve_defaults(args):
 UNSAVED = {"log.jsonl", "samples", ".saving"}
 
 
+@contextlib.contextmanager
 def claim_run_folder(args, state):
-    """The run folder's lock (files.lock_folder), taken before any work and held until it is closed (or the process
-    ends, however it ends: the OS releases it, so a killed run never blocks its --resume). A second run of the
-    folder, fresh or --resume, is refused in one line. A fresh run needs the folder empty, or holding only what a
-    run that stopped before its first save left; a --resume, the train state it read. Returns the lock file."""
+    """The run folder, this run's alone while inside: its lock (files.lock_folder) is taken before any work and held
+    until the end (or until the process ends, however it ends: the OS releases it, so a killed run never blocks its
+    --resume). A second run of the folder, fresh or --resume, is refused in one line. A fresh run needs the folder
+    empty, or holding only what a run that stopped before its first save left; a --resume, the train state it read.
+    A folder this run made and left holding nothing but its lock (its setup failed) is removed at the end."""
     out = Path(args.out)
     flag = f"--resume {out}" if args.resume else f"--out {out}"
+    made = not out.exists()
     if not args.resume and not (out / LOCK_NAME).exists():
         check_fresh_folder(out)  # before the lock too, so that a folder of other things gets no lock file
     try:
@@ -199,10 +201,12 @@ def claim_run_folder(args, state):
         if not args.resume and check_fresh_folder(out):
             print(f"note: {out} holds only the log or previews of a run that stopped before its first save; "
                   "starting afresh there")
-    except BaseException:
+        yield
+    finally:
+        if made and [path.name for path in out.iterdir()] == [LOCK_NAME]:  # removed while still locked
+            (out / LOCK_NAME).unlink()
+            out.rmdir()
         lock.close()
-        raise
-    return lock
 
 
 def check_fresh_folder(out):
@@ -212,6 +216,23 @@ def check_fresh_folder(out):
         raise SystemExit(f"train.py: error: --out {out} exists and is not empty; "
                          "choose another folder, or continue that run with --resume")
     return bool(names)
+
+
+def why_no_train_state(folder):
+    """Why a --resume folder holds no train state, in words for the user."""
+    if not folder.is_dir():
+        return "no such folder"
+    if (folder / LOCK_NAME).exists():
+        try:
+            lock_folder(folder).close()
+        except FolderInUse as e:  # a run that has not saved yet
+            raise SystemExit(f"train.py: error: --resume {folder}: {e} and has not saved yet; one run at a time in a "
+                             "run folder") from None
+        except OSError:  # a folder this process may not write: what follows says enough
+            pass
+    unsaved = (folder / "log.jsonl").is_file()
+    return "no train_state.pt in it" + (f" (the run stopped before its first save; start it again with --out "
+                                         f"{folder})" if unsaved else "")
 
 
 # What train_state.pt holds besides the optimizer's state (train.save writes it).

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from dreambooth.files import lock_folder
 from tests.conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,24 @@ def test_a_run_that_stopped_before_its_first_save_can_start_again(photos, tmp_pa
     run(photos, out, "--steps", "2", "--log-every", "1")
     assert "holds only the log or previews of a run that stopped before its first save" in capsys.readouterr().out
     assert [json.loads(row)["step"] for row in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_says_why_a_folder_has_no_train_state(photos, tmp_path, capsys):
+    """--resume of a folder that does not exist, or whose run is still going and has not saved yet, says so in one
+    line; a run whose setup fails leaves no folder of its own behind (only its lock would be in it)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path / "nothere")])
+    assert e.value.code == 2 and f"--resume {tmp_path / 'nothere'}: no such folder" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    with lock_folder(busy), pytest.raises(SystemExit) as e:  # another process's run, before its first save
+        train.main(["--resume", str(busy)])
+    assert str(e.value) == (f"train.py: error: --resume {busy}: another process (pid {os.getpid()}) is working in it "
+                            "and has not saved yet; one run at a time in a run folder")
+
+    out = tmp_path / "runs" / "dog"
+    with pytest.raises(SystemExit, match="--prior .*: no such folder"):
+        run(photos, out, "--steps", "1", prior="nothere")
+    assert (tmp_path / "runs").is_dir() and not out.exists()
 
 
 class Payload:
