@@ -134,6 +134,7 @@ def load_model(args, program):
             dreambooth.load_lora(sd, path, scale)
     except ValueError as e:
         raise SystemExit(f"{program}: error: {e}") from None
+    one_thread_for_small_models(sd, sd.device)
     return with_vae(sd, args.vae, program) if args.vae else sd
 
 
@@ -190,9 +191,9 @@ def toy_sampling() -> dict:
 
 
 def one_thread_for_small_models(sd, device) -> None:
-    """On the CPU, train a 64-px model (the toy, tiny) on one thread unless OMP_NUM_THREADS says otherwise: its
+    """On the CPU, run a 64-px model (the toy, tiny) on one thread unless OMP_NUM_THREADS says otherwise: its
     operations are too small to share between threads that sleep while they wait for work (README,
-    "Troubleshooting": tiny model, 12.0 steps/s on one thread against 7.0 on two)."""
+    "Troubleshooting": training the tiny model, 12.0 steps/s on one thread against 7.0 on two)."""
     if device.type == "cpu" and sd.resolution == 64 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 
