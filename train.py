@@ -310,7 +310,7 @@ def run(args, state, concepts, group, device):
 
 
 def lr_at(step, args):
-    """Linear warm-up over --warmup-steps, then constant as in the seed."""
+    """Linear warm-up over --warmup-steps, then constant, as in the original DreamBooth fine-tuning."""
     return args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
 
 
@@ -355,7 +355,8 @@ def train(args, sd, preview_sd, train_step, trained, generator, log, previews):
         f"--ckpt {out / 'model.safetensors'}"
     print(f"{'lora' if args.lora else 'model'}: {out / ('lora' if args.lora else 'model')}.safetensors  (python "
           f"sample.py {model} --prompt \"{previews[0][0] if args.ckpt == 'toy' else previews[0][1]}\")")
-    print(f"log: {out / 'log.jsonl'}, previews: {out / 'samples'}, train state for --resume: {out / 'train_state.pt'}")
+    grids = f", previews: {out / 'samples'}" if args.sample_every else ""
+    print(f"log: {out / 'log.jsonl'}{grids}, train state for --resume: {out / 'train_state.pt'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """train.py's settings: its flags, their checks, and the defaults that depend on other settings, the machine or a
-resumed run, and the run folder they name. Defaults follow the seed (the original DreamBooth fine-tuning of
-sd-v1-4, in XavierXiao's Dreambooth-Stable-Diffusion): lr 1e-6, 800 steps, batch 1 + 1; with --ckpt toy,
+resumed run, and the run folder they name. Defaults follow the original DreamBooth fine-tuning of sd-v1-4
+(XavierXiao's Dreambooth-Stable-Diffusion): lr 1e-6, 800 steps, batch 1 + 1; with --ckpt toy,
 cli.TOY_DEFAULTS.
 
     args, state = parse_args(argv)          # state: the run's train_state.pt with --resume, else None
@@ -89,7 +89,7 @@ def add_subject_flags(p):
     p.add_argument("--prior", metavar="DIR", help="class images from make_prior.py; without it, plain fine-tuning")
     p.add_argument("--class", dest="class_name", metavar="NAME", help='what the subject is, e.g. "dog"')
     p.add_argument("--token", default="sks", help="the rare token that comes to mean the subject")
-    p.add_argument("--instance-prompt", help='default "photo of a {token} {class}"')
+    p.add_argument("--instance-prompt", help='default "photo of a {token} {class}" (toy: "a {token} {class}")')
     p.add_argument("--prior-prompt", help="the prompt of prior images that the folder's manifest.jsonl (make_prior.py"
                                           "'s) does not list; each image it lists trains with its own prompt. "
                                           'Default: its first prompt, else "photo of a {class}"')
@@ -160,7 +160,7 @@ def resolve_defaults(args):
     """Fill in the defaults that depend on the machine, the files or the time, so train_state.pt records them."""
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.lr is None:
-        args.lr = 1e-4 if args.lora else 1e-6  # the seed's; LoRA's usual
+        args.lr = 1e-4 if args.lora else 1e-6  # the original DreamBooth's; LoRA's usual
     args.lora_alpha = args.lora_alpha or args.lora
     args.out = args.out or f"runs/{args.class_name or ('concepts' if args.concepts else 'run')}-" \
                            f"{datetime.now():%Y%m%d-%H%M%S}"

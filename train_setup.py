@@ -179,9 +179,10 @@ def make_optimizer(args, sd, trained, images_per_step, device, group=None):
     sd.unet.set_grad_checkpointing(checkpointing)
     why_eager = why_no_cuda_graph(args, device, group)
     graph = why_eager is None
-    # torch's AdamW with weight decay 0.01 (its default, as in the seed), fused: one kernel per update. Its learning
-    # rate is one tensor on the device, so that setting it is one write which a CUDA graph's recorded update reads;
-    # `capturable` keeps its step count on the device too, so that nothing in an update reads a value on the host.
+    # torch's AdamW with weight decay 0.01 (its default, as in the original DreamBooth fine-tuning), fused: one kernel
+    # per update. Its learning rate is one tensor on the device, so that setting it is one write which a CUDA graph's
+    # recorded update reads; `capturable` keeps its step count on the device too, so that nothing in an update reads
+    # a value on the host.
     lr = torch.tensor(args.lr, dtype=torch.float32, device=device)
 
     def adamw(params):
