@@ -93,14 +93,14 @@ def encode_posteriors(vae, images, device, chunk=4):
 @dataclass
 class Batches:
     """What a step draws from: the photos' VAE posteriors (encode_posteriors), or with --no-cache the photos themselves
-    and the VAE that encodes them at every step. Rows [0, n_instance) are the subject photos of every concept, the
+    and the VAE that encodes them at every step. Rows [0, n_photos) are the subject photos of every concept, the
     rest the class images, each concept's together. All randomness comes from the generator passed to draw(), in a
     fixed order, so that a run, and a resumed run, draw the same batches."""
     posteriors: torch.Tensor | None  # [N, 2 (flip), 8, h, w]
     images: torch.Tensor | None      # [N, 3, R, R], with --no-cache
     vae: torch.nn.Module | None      # with --no-cache
-    instance_rows: torch.Tensor      # [n_instance] each subject photo's prompt, as a row of the step's contexts
-    instance_concepts: torch.Tensor  # [n_instance] each subject photo's concept: 0, 1, ...
+    instance_rows: torch.Tensor      # [n_photos] each subject photo's prompt, as a row of the step's contexts
+    instance_concepts: torch.Tensor  # [n_photos] each subject photo's concept: 0, 1, ...
     prior_rows: torch.Tensor         # [n_prior] each class image's prompt, as a row of the step's contexts
     prior_first: torch.Tensor        # [concepts] the index of each concept's first class image among them
     prior_counts: list[int]          # [concepts] how many class images each concept has; [] without a prior
@@ -123,15 +123,15 @@ class Batches:
         as any other (a concept with more photos gets more steps), and each brings a class image of its own concept.
         Returns (latents, t, noise, rows): rows are the photos' prompts, as rows of the step's contexts. Under
         torchrun every rank draws the same batch and returns its share (share_of)."""
-        device, n_instance = generator.device, len(self.instance_rows)
-        idx = torch.randint(n_instance, (self.batch_size,), generator=generator, device=device)
+        device, n_photos = generator.device, len(self.instance_rows)
+        idx = torch.randint(n_photos, (self.batch_size,), generator=generator, device=device)
         rows = self.instance_rows[idx]
         if self.prior_counts:  # for every concept a draw among its class images; each photo takes its concept's
             within = torch.stack([torch.randint(n, (self.batch_size,), generator=generator, device=device)
                                   for n in self.prior_counts])
             concept = self.instance_concepts[idx]
             prior_idx = self.prior_first[concept] + within[concept, torch.arange(self.batch_size, device=device)]
-            idx = torch.cat([idx, n_instance + prior_idx])
+            idx = torch.cat([idx, n_photos + prior_idx])
             rows = torch.cat([rows, self.prior_rows[prior_idx]])
         flip = torch.randint(2, idx.shape, generator=generator, device=device)  # p = 0.5
         if self.posteriors is None:
@@ -169,9 +169,9 @@ class Batches:
 class TrainStep:
     """One DreamBooth step as a call: step(generator) draws a batch, computes eq. 2, runs backward and updates the
     weights, and returns the losses [3] (eq. 2, instance, prior) on the device, unread (the log reads them later, so
-    no step waits for the GPU). learn() is the textbook step, nanoGPT's, GradScaler included (it is off except under
-    --precision fp16). Made by make_step, which may wrap its parts to make them fast (dreambooth/speed.py): the
-    optimizer may step inside backward, and learn() may be replayed from a CUDA graph."""
+    no step waits for the GPU). learn() is the textbook step of nanoGPT's train.py, GradScaler included (it is off
+    except under --precision fp16). Made by make_step, which may wrap its parts to make them fast (dreambooth/speed.py):
+    the optimizer may step inside backward, and learn() may be replayed from a CUDA graph."""
     unet: torch.nn.Module
     text_encoder: torch.nn.Module | None  # trained with the UNet; None: frozen, and `contexts` holds its output
     ids: torch.Tensor                     # [K, 77] token ids: the instance prompt, the prior's prompts (, "")
@@ -194,7 +194,8 @@ class TrainStep:
         return losses
 
     def learn(self, latents, t, noise, rows):
-        """Eq. 2 on the drawn batch (rows: each photo's prompt), backward, and the weight update."""
+        """Eq. 2 on the drawn batch, backward, and the weight update. rows: each image's prompt, as its index into
+        self.ids (the step's prompts, each once)."""
         n_instance = self.batches.subject_rows
         with self.autocast:
             x_t, target = add_noise(latents, noise, t, self.alphas_cumprod), noise  # DDPM eq. 4
@@ -209,7 +210,11 @@ class TrainStep:
                 contexts = self.text_encoder(self.ids[rows])
             loss, loss_instance, loss_prior = dreambooth_loss(self.unet, x_t, t, contexts, target, n_instance,
                                                               self.prior_weight)
-        self.scaler.scale(loss).backward()  # fp16: the loss scaled up, so that small gradients do not round to 0
+        # loss.backward(), optimizer.step(), optimizer.zero_grad(), through the GradScaler, which is off (it passes each
+        # call through) except under --precision fp16: there it scales the loss up, so that small gradients do not
+        # round to 0, and skips a step whose gradients overflowed. (With speed.StepInBackward each block's weights are
+        # updated inside backward as soon as its gradients are ready, and its step() only checks that all were.)
+        self.scaler.scale(loss).backward()
         if self.group is not None:  # torchrun: every rank's gradients averaged, the whole batch's, on all ranks
             # (stepped inside backward, each block's were averaged before its step, and none are left here)
             self.group.average([p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
@@ -217,7 +222,7 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                            self.clip_grad)
-        self.scaler.step(self.optimizer)  # optimizer.step(); fp16: skipped where a gradient overflowed
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack([loss, loss_instance, loss_prior]).detach()

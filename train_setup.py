@@ -1,10 +1,10 @@
 """What train.py calls to set up a run, to save and resume it, and to draw its preview grids, each a small function:
 the model and the photos, what trains (the UNet and CLIP, or LoRA adapters), the prompts' contexts, the frozen base
 of --prior-loss base, the optimizer (stepped inside backward where that pays) with gradient checkpointing and the
-CUDA graph decided, the run folder's files, and the grids of the loop's previews. model.safetensors is the fp16 model for users (sample.py, A1111, ComfyUI,
-diffusers); train_state.pt holds everything else needed to continue exactly: the fp32 weights being trained
-(continuing from the fp16 copy would round them), the optimizer states, the step, the data generator's state and
-the settings.
+CUDA graph decided, the run folder's files, and the grids of the loop's previews. model.safetensors is the fp16
+model for users (sample.py, A1111, ComfyUI, diffusers); train_state.pt holds everything else needed to continue
+exactly: the fp32 weights being trained (continuing from the fp16 copy would round them), the optimizer states,
+the step, the data generator's state and the settings.
 """
 import copy
 import shutil
