@@ -160,6 +160,8 @@ def write_batch(args, batch, pngs, names, done, settings, manifest_file, bar):
         except OSError as e:
             return f"writing {target} failed ({e.strerror or e})"
         bar.update(1)
+        if bar.disable and (i + 1) % max(1, args.num // 10) == 0:  # no bar (the output goes to a file): a line a tenth
+            print(f"prior: {i + 1}/{args.num} images", flush=True)
     return None
 
 

@@ -42,6 +42,14 @@ def test_writes_images_and_manifest(reference):
             "photo of a dog\nSteps: 2, Sampler: DDIM, CFG scale: 10.0, Seed: 103, Size: 64x64, Model: tiny")
 
 
+def test_without_a_terminal_progress_is_plain_lines(tmp_path, capsys):
+    """Output to a file (nohup, a CI log) gets no progress bar but a line for each tenth of the images."""
+    make_prior.main(FLAGS[:FLAGS.index("--num")] + ["--num", "20"] + FLAGS[FLAGS.index("--num") + 2:]
+                    + ["--outdir", str(tmp_path / "dog")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("prior: ")] == [f"prior: {n}/20 images" for n in range(2, 21, 2)]
+
+
 def test_resume_after_interruption_gives_the_same_set(reference, tmp_path, monkeypatch):
     outdir = tmp_path / "dog"
     saved, write_atomic = [], make_prior.write_atomic
