@@ -15,9 +15,10 @@ with the noise prediction of Stable Diffusion:
 
 x_t noises the VAE latent of a subject photo and x'_t' that of a prior image (DDPM eq. 4, see
 `dreambooth.ddim.add_noise`); lambda is --prior-weight. The file holds the whole method, top to bottom: the loss,
-the batch of subject and prior images, the step (eq. 2, loss.backward(), optimizer.step()), then main() and the
-loop. The flags and their defaults are in train_settings.py; setting up the models and the optimizer, saving,
-resuming and the preview grids in train_setup.py; the two wrappers that make the step fast in dreambooth/speed.py.
+the batch of subject and prior images, the step (TrainStep.learn: eq. 2, loss.backward(), optimizer.step()), then
+main() and the loop. The flags and their defaults are in train_settings.py; setting up the models and the
+optimizer, saving, resuming and the preview grids in train_setup.py; the two wrappers that make the step fast in
+dreambooth/speed.py.
 """
 import startup  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads, and makes Ctrl-C exit 130)
 import contextlib
