@@ -128,14 +128,22 @@ def load_model(args, program):
     """The model of --ckpt (default_checkpoint if not given), with --ema, each --lora merged in at its scale, and
     the VAE of --vae; bad input stops the program with one line naming the file."""
     args.ckpt = args.ckpt or default_checkpoint(program)
-    try:
-        sd = dreambooth.load(args.ckpt, device=args.device, ema=getattr(args, "ema", False))
-        for path, scale in args.lora or []:
+    sd = load_checkpoint(program, args.ckpt, device=args.device, ema=getattr(args, "ema", False))
+    for path, scale in args.lora or []:
+        try:
             dreambooth.load_lora(sd, path, scale)
-    except ValueError as e:
-        raise SystemExit(f"{program}: error: {e}") from None
+        except ValueError as e:
+            raise SystemExit(f"{program}: error: --lora {e}") from None
     one_thread_for_small_models(sd, sd.device)
     return with_vae(sd, args.vae, program) if args.vae else sd
+
+
+def load_checkpoint(program, path, **kwargs):
+    """dreambooth.load(path, **kwargs), or one line naming --ckpt and the file where that is not a model it loads."""
+    try:
+        return dreambooth.load(path, **kwargs)
+    except ValueError as e:
+        raise SystemExit(f"{program}: error: --ckpt {e}") from None
 
 
 def check_outdir(program, flag, folder):

@@ -57,7 +57,7 @@ def load_model_and_photos(args, concepts, device):
         counts = [sum(concept == k for *_, concept in subject) for k in range(len(concepts))]
         prior = [photo for k, c in enumerate(concepts)
                  for photo in concept_photos(args, k, c, subject=False, at_least=counts[k])]
-        sd = dreambooth.load(args.ckpt, device=device, dtype=torch.float32, ema=args.ema)  # fp32 master weights
+        sd = cli.load_checkpoint("train.py", args.ckpt, device=device, dtype=torch.float32, ema=args.ema)  # fp32
         args.resolution = args.resolution or sd.resolution
         args.sample_steps = args.sample_steps or sd.sampling.get("ddim_steps", cli.SD_DDIM_STEPS)
         images, notes = load_images([path for path, _, _ in subject + prior], args.resolution)

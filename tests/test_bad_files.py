@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import dreambooth
+import sample
 import train
 from dreambooth.checkpoint import UNET, VAE, CheckpointError
 from dreambooth.lora import load_lora
@@ -196,5 +197,8 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, capsys, 
     Image.new("RGB", (64, 64), "red").save(photos / "00.png")
     with pytest.raises(SystemExit) as e:
         train.main(["--ckpt", str(path), "--instance", str(photos), "--class", "dog", "--out", str(tmp_path / "run")])
-    assert str(e.value.code) == f"train.py: error: {path} {what}"
+    assert str(e.value.code) == f"train.py: error: --ckpt {path} {what}"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(path), "--prompt", "a dog", "--outdir", str(tmp_path / "out")])
+    assert str(e.value.code) == f"sample.py: error: --ckpt {path} {what}"
     assert "learning rate" not in capsys.readouterr().out
