@@ -303,13 +303,14 @@ def first_rank():
 def stop_requests():
     """Inside, Ctrl-C (SIGINT) and SIGTERM (`kill`, Slurm at its time limit; torchrun passes both on) do not end the
     process: each appends its signal number to the list this yields, so that a loop can finish its step, save and
-    stop. A second one ends it at once (Ctrl-C with one line and exit status 130)."""
+    stop. A second Ctrl-C ends it at once (one line, exit status 130). A second SIGTERM only asks again: it may be the
+    same request delivered twice (by Slurm to every process, and by torchrun to its workers), and SIGKILL is what
+    ends a process that does not stop in time."""
     asked = []
 
     def on_signal(signum, frame):
         asked.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     previous = [signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)]
     try:
@@ -317,6 +318,8 @@ def stop_requests():
     finally:
         for signum, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
             signal.signal(signum, handler)
+        if signal.SIGTERM in asked:  # the process is on its way out: SIGTERM delivered twice must not cut that short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
