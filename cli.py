@@ -134,16 +134,18 @@ def load_model(args, program):
             dreambooth.load_lora(sd, path, scale)
         except ValueError as e:
             raise SystemExit(f"{program}: error: --lora {e}") from None
-    one_thread_for_small_models(sd, sd.device)
     return with_vae(sd, args.vae, program) if args.vae else sd
 
 
 def load_checkpoint(program, path, **kwargs):
-    """dreambooth.load(path, **kwargs), or one line naming --ckpt and the file where that is not a model it loads."""
+    """dreambooth.load(path, **kwargs), or one line naming --ckpt and the file where that is not a model it loads.
+    A small model on the CPU gets one thread (one_thread_for_small_models)."""
     try:
-        return dreambooth.load(path, **kwargs)
+        sd = dreambooth.load(path, **kwargs)
     except ValueError as e:
         raise SystemExit(f"{program}: error: --ckpt {e}") from None
+    one_thread_for_small_models(sd)
+    return sd
 
 
 def check_outdir(program, flag, folder):
@@ -198,11 +200,11 @@ def toy_sampling() -> dict:
     return sampling_settings(TOY_FILE) if TOY_FILE.is_file() else {}
 
 
-def one_thread_for_small_models(sd, device) -> None:
+def one_thread_for_small_models(sd) -> None:
     """On the CPU, run a 64-px model (the toy, tiny) on one thread unless OMP_NUM_THREADS says otherwise: its
     operations are too small to share between threads that sleep while they wait for work (README,
     "Troubleshooting": training the tiny model, 12.0 steps/s on one thread against 7.0 on two)."""
-    if device.type == "cpu" and sd.resolution == 64 and "OMP_NUM_THREADS" not in os.environ:
+    if sd.device.type == "cpu" and sd.resolution == 64 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 
 

@@ -292,7 +292,6 @@ def run(args, state, concepts, group, device):
     out = Path(args.out)
     generator = torch.Generator(device).manual_seed(args.seed)  # data order, flips, z, timesteps, noise
     sd, images, photos = setup.load_model_and_photos(args, concepts, device)
-    cli.one_thread_for_small_models(sd, device)
     preview_sd = cli.with_vae(sd, args.vae, "train.py", device="cpu") if args.vae else sd  # the grids' decoder
     train_step, trained = make_step(sd, images, photos, args, device, group)
     start = setup.resume(args, state, trained, train_step, generator) if state else 0
